@@ -1,0 +1,346 @@
+"""Selective scan (Mamba's S6 recurrence) behind one dispatcher.
+
+Semantics are those of ``selective_scan_ref`` in the reference implementation
+(``mamba_ssm/ops/selective_scan_interface.py``) in channel-last layout, plus an
+initial state::
+
+    delta = softplus(delta + delta_bias)            (bias and softplus optional)
+    h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t     h_0 = initial_state or 0
+    y_t   = C_t . h_t + D * u_t ;   y_t *= silu(z_t)
+
+The state and all arithmetic are float32 whatever the input dtype; ``y`` comes
+back in ``u.dtype`` and the final state in float32.
+
+Implementations (``impl=``):
+
+* ``"reference"``  ``jax.lax.associative_scan`` over time on (b, l, d, n): the oracle.
+* ``"sequential"`` ``lax.scan`` over time carrying only the (b, d, n) state.
+* ``"chunked"``    sequential over chunks of ``chunk_size`` steps, parallel inside a
+  chunk, with a ``custom_vjp`` that saves only the chunk-boundary states and
+  recomputes the states inside each chunk in the backward pass: training memory
+  O(b * l/T * d * n) instead of O(b * l * d * n).
+* ``"pallas"``     the Pallas kernels in ``pallas_kernels.selective_scan``.
+* ``"auto"``       resolved by :func:`resolve_impl` (one documented policy).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mamba_jax.typing import Array, Float
+
+IMPLS = ("reference", "sequential", "chunked", "pallas")
+DEFAULT_CHUNK_SIZE = 64
+_F32 = jnp.float32
+
+
+# --------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------
+
+
+def selective_scan(
+    u: Float[Array, "b l d"],
+    delta: Float[Array, "b l d"],
+    A: Float[Array, "d n"],
+    B: Float[Array, "b l n"] | Float[Array, "b l g n"],
+    C: Float[Array, "b l n"] | Float[Array, "b l g n"],
+    D: Float[Array, " d"] | None = None,
+    z: Float[Array, "b l d"] | None = None,
+    delta_bias: Float[Array, " d"] | None = None,
+    delta_softplus: bool = False,
+    initial_state: Float[Array, "b d n"] | None = None,
+    return_final_state: bool = False,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+):
+    """Runs the selective scan.
+
+    Args:
+      u: input, (b, l, d), any float dtype.
+      delta: time steps before bias/softplus, (b, l, d).
+      A: state matrix (diagonal per channel), (d, n); negative for a stable scan.
+      B, C: input-dependent projections, (b, l, n) or grouped (b, l, g, n) with
+        ``d % g == 0``; channel ``c`` uses group ``c // (d // g)``.
+      D: optional skip connection, (d,).
+      z: optional gate, (b, l, d); the output is multiplied by ``silu(z)``.
+      delta_bias: optional bias added to ``delta`` before the softplus, (d,).
+      delta_softplus: apply ``softplus`` to ``delta (+ delta_bias)``.
+      initial_state: optional state before the first step, (b, d, n).
+      return_final_state: also return the state after the last step.
+      impl: ``"auto"``, ``"reference"``, ``"sequential"``, ``"chunked"`` or ``"pallas"``.
+      chunk_size: time chunk of ``impl="chunked"`` (default 64); an error for
+        the other implementations.
+
+    Returns:
+      ``y`` of shape (b, l, d) in ``u.dtype``; with ``return_final_state`` the
+      pair ``(y, final_state)`` where ``final_state`` is (b, d, n) float32 (and
+      differentiable).
+    """
+    B, C = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if impl not in IMPLS + ("auto",):
+        raise ValueError(f"{impl=} is not one of {('auto',) + IMPLS}")
+    if chunk_size is not None:
+        if impl != "chunked":
+            raise ValueError(f"chunk_size is only used by impl='chunked', got {impl=}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"{chunk_size=} must be a positive int")
+    if impl == "auto":
+        impl = resolve_impl(u.shape[1])
+    fn = _impl_fn(impl, chunk_size)
+    y, final_state = fn(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state)
+    return (y, final_state) if return_final_state else y
+
+
+def resolve_impl(seq_len: int, backend: str | None = None) -> str:
+    """The ``impl="auto"`` policy, in one place.
+
+    * On CPU: ``"sequential"`` for sequences of at most ``DEFAULT_CHUNK_SIZE``
+      steps (decode steps, short prompts: no padding to a chunk), ``"chunked"``
+      otherwise (fastest measured on CPU, and O(l/T) training memory; see
+      ``experiments/bench_scan.py``).
+    * On GPU and TPU the same choice is made until the Pallas kernels are
+      dispatched here; an explicit ``impl="pallas"`` is never silently replaced.
+    """
+    del backend
+    return "sequential" if seq_len <= DEFAULT_CHUNK_SIZE else "chunked"
+
+
+def _impl_fn(impl: str, chunk_size: int | None) -> Callable:
+    if impl == "pallas":
+        from pallas_kernels.selective_scan import selective_scan_pallas
+
+        return selective_scan_pallas
+    core = {
+        "reference": _reference_core,
+        "sequential": _sequential_core,
+        "chunked": functools.partial(_chunked_scan, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE),
+    }[impl]
+    return functools.partial(_xla_selective_scan, core)
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+
+def _check_float(name: str, x) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype, got {name}.dtype={x.dtype}")
+
+
+def _check_shape(name: str, x, expected: tuple, desc: str) -> None:
+    _check_float(name, x)
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {desc}={tuple(expected)}, got {name}.shape={tuple(x.shape)}")
+
+
+def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """Checks every argument and returns B and C in grouped form (b, l, g, n)."""
+    _check_float("u", u)
+    if u.ndim != 3:
+        raise ValueError(f"u must have shape (b, l, d), got u.shape={tuple(u.shape)}")
+    b, l, d = u.shape
+    if l == 0:
+        raise ValueError("u has zero length along time (l=0)")
+    _check_shape("delta", delta, (b, l, d), "(b, l, d)")
+    _check_float("A", A)
+    if A.ndim != 2 or A.shape[0] != d:
+        raise ValueError(f"A must have shape (d, n) with d={d}, got A.shape={tuple(A.shape)}")
+    n = A.shape[1]
+    grouped = []
+    for name, x in (("B", B), ("C", C)):
+        _check_float(name, x)
+        if x.ndim == 3:
+            x = x[:, :, None, :]
+        if x.ndim != 4 or x.shape[:2] != (b, l) or x.shape[3] != n:
+            raise ValueError(
+                f"{name} must have shape (b, l, n)=({b}, {l}, {n}) or (b, l, g, n)=({b}, {l}, g, {n}), "
+                f"got {name}.shape={tuple(x.shape)}"
+            )
+        g = x.shape[2]
+        if g < 1 or d % g:
+            raise ValueError(f"number of groups g={g} in {name} must divide d={d}")
+        grouped.append(x)
+    if grouped[0].shape != grouped[1].shape:
+        raise ValueError(
+            f"B and C must have the same groups, got B.shape={tuple(B.shape)} and C.shape={tuple(C.shape)}"
+        )
+    if D is not None:
+        _check_shape("D", D, (d,), "(d,)")
+    if z is not None:
+        _check_shape("z", z, (b, l, d), "(b, l, d)")
+    if delta_bias is not None:
+        _check_shape("delta_bias", delta_bias, (d,), "(d,)")
+    if initial_state is not None:
+        _check_shape("initial_state", initial_state, (b, d, n), "(b, d, n)")
+    return grouped[0], grouped[1]
+
+
+# --------------------------------------------------------------------------
+# XLA implementations
+# --------------------------------------------------------------------------
+
+
+def _xla_selective_scan(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    """Pre/post-processing shared by the XLA implementations (autodiff handles it).
+
+    ``core(u, dt, A, B, C, h0)`` works on float32 arrays in the grouped layout:
+    u, dt (b, l, g, p); A (g, p, n); B, C (b, l, g, n); h0 (b, g, p, n), where
+    p = d // g; it returns y (b, l, g, p) and the final state (b, g, p, n).
+    """
+    b, l, d = u.shape
+    g, n = B.shape[2], A.shape[1]
+    p = d // g
+    uf = u.astype(_F32)
+    dt = delta.astype(_F32)
+    if delta_bias is not None:
+        dt = dt + delta_bias.astype(_F32)
+    if delta_softplus:
+        dt = jax.nn.softplus(dt)
+    h0 = jnp.zeros((b, d, n), _F32) if initial_state is None else initial_state.astype(_F32)
+    y, hT = core(
+        uf.reshape(b, l, g, p),
+        dt.reshape(b, l, g, p),
+        A.astype(_F32).reshape(g, p, n),
+        B.astype(_F32),
+        C.astype(_F32),
+        h0.reshape(b, g, p, n),
+    )
+    y = y.reshape(b, l, d)
+    if D is not None:
+        y = y + uf * D.astype(_F32)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(_F32))
+    return y.astype(u.dtype), hT.reshape(b, d, n)
+
+
+def _combine(x, y):
+    """Composition of two affine maps h -> a h + b (x first, then y)."""
+    a1, b1 = x
+    a2, b2 = y
+    return a1 * a2, a2 * b1 + b2
+
+
+def _discretize(u, dt, A, B):
+    """exp(dt A) and dt B u on the grouped layout: both (b, t, g, p, n)."""
+    dA = jnp.exp(dt[..., None] * A)
+    dBu = (dt * u)[..., None] * B[:, :, :, None, :]
+    return dA, dBu
+
+
+def _parallel_states(h0, u, dt, A, B):
+    """All states of a span of time from its initial state, by associative scan.
+
+    Returns the states (b, t, g, p, n) and exp(dt A) of the span.
+    """
+    dA, dBu = _discretize(u, dt, A, B)
+    dBu = dBu.at[:, 0].add(dA[:, 0] * h0)
+    _, h = lax.associative_scan(_combine, (dA, dBu), axis=1)
+    return h, dA
+
+
+def _readout(h, C):
+    return jnp.einsum("btgpn,btgn->btgp", h, C)
+
+
+def _reference_core(u, dt, A, B, C, h0):
+    h, _ = _parallel_states(h0, u, dt, A, B)
+    return _readout(h, C), h[:, -1]
+
+
+def _sequential_core(u, dt, A, B, C, h0):
+    def step(h, xs):
+        u_t, dt_t, B_t, C_t = xs
+        h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * B_t[:, :, None, :]
+        return h, jnp.einsum("bgpn,bgn->bgp", h, C_t)
+
+    time_major = lambda x: jnp.moveaxis(x, 1, 0)
+    hT, ys = lax.scan(step, h0, (time_major(u), time_major(dt), time_major(B), time_major(C)))
+    return jnp.moveaxis(ys, 0, 1), hT
+
+
+# --------------------------------------------------------------------------
+# Chunked implementation with a recomputing backward pass
+# --------------------------------------------------------------------------
+
+
+def _chunked_scan(u, dt, A, B, C, h0, *, chunk_size):
+    """Pads time to a multiple of the chunk with identity steps (dt = 0)."""
+    l = u.shape[1]
+    T = min(chunk_size, l)
+    pad = -l % T
+    if pad:
+        padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        u, dt, B, C = padt(u), padt(dt), padt(B), padt(C)
+    y, hT = _chunked_core(u, dt, A, B, C, h0, T)
+    return y[:, :l], hT
+
+
+def _to_chunks(x, T):
+    """(b, l, ...) -> (l/T, b, T, ...), chunk axis first for lax.scan."""
+    b, l = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, l // T, T, *x.shape[2:]), 1, 0)
+
+
+def _from_chunks(x):
+    """(l/T, b, T, ...) -> (b, l, ...)."""
+    nc, b, T = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(b, nc * T, *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _chunked_core(u, dt, A, B, C, h0, T):
+    (y, hT), _ = _chunked_fwd(u, dt, A, B, C, h0, T)
+    return y, hT
+
+
+def _chunked_fwd(u, dt, A, B, C, h0, T):
+    def chunk(h_in, xs):
+        u_c, dt_c, B_c, C_c = xs
+        h, _ = _parallel_states(h_in, u_c, dt_c, A, B_c)
+        return h[:, -1], (_readout(h, C_c), h_in)
+
+    xs = tuple(_to_chunks(x, T) for x in (u, dt, B, C))
+    hT, (ys, starts) = lax.scan(chunk, h0, xs)
+    return (_from_chunks(ys), hT), (u, dt, A, B, C, starts)
+
+
+def _chunked_bwd(T, res, cotangents):
+    u, dt, A, B, C, starts = res
+    dy, dhT = cotangents
+
+    def chunk(carry, xs):
+        dh_out, dA_acc = carry  # dh_out: gradient reaching the chunk's last state from later steps
+        u_c, dt_c, B_c, C_c, dy_c, h_in = xs
+        h, dA = _parallel_states(h_in, u_c, dt_c, A, B_c)  # recompute, never store
+        # Adjoint, in reverse time: G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1}.
+        c = dy_c[..., None] * C_c[:, :, :, None, :]
+        c = c.at[:, -1].add(dh_out)
+        a_next = jnp.concatenate([dA[:, 1:], jnp.ones_like(dA[:, :1])], axis=1)
+        _, G = lax.associative_scan(_combine, (a_next, c), axis=1, reverse=True)
+        h_prev = jnp.concatenate([h_in[:, None], h[:, :-1]], axis=1)
+        dC_c = jnp.einsum("btgp,btgpn->btgn", dy_c, h)
+        GhdA = G * h_prev * dA  # gradient through the decay exp(dt A)
+        GB = jnp.einsum("btgpn,btgn->btgp", G, B_c)
+        ddt_c = jnp.einsum("btgpn,gpn->btgp", GhdA, A) + GB * u_c
+        du_c = GB * dt_c
+        dB_c = jnp.einsum("btgpn,btgp->btgn", G, dt_c * u_c)
+        dA_acc = dA_acc + jnp.einsum("btgpn,btgp->gpn", GhdA, dt_c)
+        dh_in = dA[:, 0] * G[:, 0]
+        return (dh_in, dA_acc), (du_c, ddt_c, dB_c, dC_c)
+
+    xs = tuple(_to_chunks(x, T) for x in (u, dt, B, C, dy)) + (starts,)
+    (dh0, dA), grads = lax.scan(chunk, (dhT, jnp.zeros_like(A)), xs, reverse=True)
+    du, ddt, dB, dC = (_from_chunks(x) for x in grads)
+    return du, ddt, dA, dB, dC, dh0
+
+
+_chunked_core.defvjp(_chunked_fwd, _chunked_bwd)
