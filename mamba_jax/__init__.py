@@ -1,5 +1,8 @@
 """mamba-jax: Mamba selective state space models in JAX and Flax NNX."""
 
 from mamba_jax import ops
+from mamba_jax.cache import MambaCache, MambaLayerCache
+from mamba_jax.config import MambaConfig
+from mamba_jax.model import MambaLM
 
-__all__ = ["ops"]
+__all__ = ["ops", "MambaConfig", "MambaLM", "MambaCache", "MambaLayerCache"]
