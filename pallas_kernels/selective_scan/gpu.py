@@ -1,0 +1,362 @@
+"""Selective scan on GPU: Pallas kernels (Triton backend), forward and backward.
+
+Why the Triton backend and not Mosaic GPU: the scan is a long chain of
+per-time-step elementwise updates of a (channels, n) float32 state with one
+cross-``n`` reduction per step and dynamically indexed single-row loads. Pallas'
+Mosaic GPU backend is built around warpgroup-wide arrays with fixed register
+layouts, TMA-pipelined tiles and wgmma; it runs on Hopper and newer only, and
+it has no per-program persistent state across a sequential grid axis either.
+The Triton backend expresses this kernel directly (a ``fori_loop`` over time
+with the state as a loop carry, i.e. in registers), works on Ampere as well
+as Hopper, and its output is checked against the reference on the GPU in
+``experiments/bench_scan.py``. Porting to Mosaic GPU is future work.
+
+Layout (all padded by :mod:`pallas_kernels.selective_scan.ops`):
+  u, delta, z, y:  (b, L, Dp)   L = time padded to ``block_l``; Dp = g * P,
+                                 P = channels of a group padded to ``block_d``
+  A:               (Dp, N)       float32, N = n padded to a power of two
+  B, C:            (b, L, g, N)
+  D, delta_bias:   (Dp,)         float32
+  h0:              (b, Dp, N)    float32
+Grid ``(b, Dp / block_d)``: one program per (sequence, channel tile) walks the
+whole sequence with the float32 state (block_d, N) in registers and writes the
+state at every chunk boundary (``block_l`` steps) for the backward pass.
+
+The backward grid is the same; each program walks the chunks in reverse,
+recomputes the chunk's states from its saved boundary state into a
+per-program scratch buffer (block_l * block_d * N float32; it stays in L1/L2)
+and runs the adjoint recurrence in registers, producing du, ddelta, dz and
+per-tile partial sums of dA, dB, dC, dD that the wrapper reduces in XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuScanConfig:
+    seq_len: int  # true length l; steps at t >= seq_len are identity steps
+    block_l: int
+    block_d: int
+    blocks_per_group: int  # P // block_d
+    softplus: bool
+    want_states: bool
+    interpret: bool = False
+    num_warps: int = 4
+
+
+# --------------------------------------------------------------------------
+# Public wrapper (padded layout) with custom_vjp
+# --------------------------------------------------------------------------
+
+
+def selective_scan_gpu(cfg: GpuScanConfig, u, dt, A, B, C, D, z, bias, h0):
+    """Runs the scan on padded inputs; returns (y, hT) or (y, hT, states).
+
+    ``states`` (b, L / block_l, Dp, N) holds the state at the start of every chunk.
+    """
+    return _scan(cfg, u, dt, A, B, C, D, z, bias, h0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(cfg, u, dt, A, B, C, D, z, bias, h0):
+    out, _ = _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0)
+    return out
+
+
+def _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0):
+    y, st, hT = _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0)
+    out = (y, hT, st) if cfg.want_states else (y, hT)
+    return out, (u, dt, A, B, C, D, z, bias, h0, st)
+
+
+def _scan_bwd(cfg, res, cts):
+    u, dt, A, B, C, D, z, bias, h0, st = res
+    if cfg.want_states:
+        dy, dhT, dst = cts
+    else:
+        (dy, dhT), dst = cts, None
+    b, L, Dp = u.shape
+    g, N = B.shape[2], B.shape[3]
+    W = cfg.block_d
+    nd = Dp // W
+    outs = _backward_call(cfg, u, dt, A, B, C, D, z, bias, st, dy, dhT, dst)
+    du, ddt, dz, dA_p, dB_p, dC_p, dD_p, dh0 = outs
+    # Per-tile partial sums, reduced here.
+    dA = dA_p.sum(0).astype(A.dtype)
+    per_group = lambda x: x.reshape(b, g, nd // g, L, N).sum(2).transpose(0, 2, 1, 3)
+    dB = per_group(dB_p).astype(B.dtype)
+    dC = per_group(dC_p).astype(C.dtype)
+    dD = None if D is None else dD_p.sum(0).astype(D.dtype)
+    dbias = None if bias is None else ddt.astype(_F32).sum((0, 1)).astype(bias.dtype)
+    dh0 = None if h0 is None else dh0.astype(h0.dtype)
+    return du, ddt, dA, dB, dC, dD, dz, dbias, dh0
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+# --------------------------------------------------------------------------
+# pallas_call builders
+# --------------------------------------------------------------------------
+
+
+def _compiler_params(cfg):
+    if cfg.interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+
+
+def _specs(cfg, L, N, T=None):
+    """BlockSpecs shared by the forward and backward calls."""
+    W, bpg = cfg.block_d, cfg.blocks_per_group
+    seq = pl.BlockSpec((None, L, W), lambda i, j: (i, 0, j))
+    bc = pl.BlockSpec((None, L, None, N), lambda i, j: (i, 0, lax.div(j, bpg), 0))
+    chan = pl.BlockSpec((W,), lambda i, j: (j,))
+    chan_n = pl.BlockSpec((W, N), lambda i, j: (j, 0))
+    state = pl.BlockSpec((None, W, N), lambda i, j: (i, j, 0))
+    return seq, bc, chan, chan_n, state
+
+
+def _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0):
+    b, L, Dp = u.shape
+    N = A.shape[1]
+    W, T = cfg.block_d, cfg.block_l
+    nc = L // T
+    seq, bc, chan, chan_n, state = _specs(cfg, L, N)
+    states = pl.BlockSpec((None, nc, W, N), lambda i, j: (i, 0, j, 0))
+    args = [u, dt, A, B, C]
+    specs = [seq, seq, chan_n, bc, bc]
+    for x, s in ((D, chan), (z, seq), (bias, chan), (h0, state)):
+        if x is not None:
+            args.append(x)
+            specs.append(s)
+    has = tuple(x is not None for x in (D, z, bias, h0))
+    kernel = functools.partial(_forward_kernel, cfg=cfg, has=has, num_chunks=nc)
+    return pl.pallas_call(
+        kernel,
+        grid=(b, Dp // W),
+        in_specs=specs,
+        out_specs=[seq, states, state],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, L, Dp), u.dtype),
+            jax.ShapeDtypeStruct((b, nc, Dp, N), _F32),
+            jax.ShapeDtypeStruct((b, Dp, N), _F32),
+        ],
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="selective_scan_fwd_gpu",
+    )(*args)
+
+
+def _backward_call(cfg, u, dt, A, B, C, D, z, bias, st, dy, dhT, dst):
+    b, L, Dp = u.shape
+    N = A.shape[1]
+    W, T = cfg.block_d, cfg.block_l
+    nc, nd = L // T, Dp // W
+    seq, bc, chan, chan_n, state = _specs(cfg, L, N)
+    states = pl.BlockSpec((None, nc, W, N), lambda i, j: (i, 0, j, 0))
+    args = [u, dt, A, B, C, st, dy, dhT]
+    specs = [seq, seq, chan_n, bc, bc, states, seq, state]
+    for x, s in ((D, chan), (z, seq), (bias, chan), (dst, states)):
+        if x is not None:
+            args.append(x)
+            specs.append(s)
+    has = tuple(x is not None for x in (D, z, bias, dst))
+    part_seq = pl.BlockSpec((None, None, L, N), lambda i, j: (i, j, 0, 0))
+    part_chan = pl.BlockSpec((None, W), lambda i, j: (i, j))
+    part_chan_n = pl.BlockSpec((None, W, N), lambda i, j: (i, j, 0))
+    scratch = pl.BlockSpec((None, None, T, W, N), lambda i, j: (i, j, 0, 0, 0))
+    outs = [
+        (seq, jax.ShapeDtypeStruct((b, L, Dp), u.dtype)),  # du
+        (seq, jax.ShapeDtypeStruct((b, L, Dp), dt.dtype)),  # ddelta (before bias/softplus)
+        (part_chan_n, jax.ShapeDtypeStruct((b, Dp, N), _F32)),  # dA per sequence
+        (part_seq, jax.ShapeDtypeStruct((b, nd, L, N), _F32)),  # dB per channel tile
+        (part_seq, jax.ShapeDtypeStruct((b, nd, L, N), _F32)),  # dC per channel tile
+        (state, jax.ShapeDtypeStruct((b, Dp, N), _F32)),  # dh0
+        (scratch, jax.ShapeDtypeStruct((b, nd, T, W, N), _F32)),  # per-program state scratch
+    ]
+    if z is not None:
+        outs.append((seq, jax.ShapeDtypeStruct((b, L, Dp), z.dtype)))  # dz
+    if D is not None:
+        outs.append((part_chan, jax.ShapeDtypeStruct((b, Dp), _F32)))  # dD per sequence
+    out_specs, out_shape = (list(x) for x in zip(*outs))
+    kernel = functools.partial(_backward_kernel, cfg=cfg, has=has, num_chunks=nc)
+    res = pl.pallas_call(
+        kernel,
+        grid=(b, nd),
+        in_specs=specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="selective_scan_bwd_gpu",
+    )(*args)
+    du, ddt, dA_p, dB_p, dC_p, dh0, _, *rest = res
+    dz = rest.pop(0) if z is not None else None
+    dD_p = rest.pop(0) if D is not None else None
+    return du, ddt, dz, dA_p, dB_p, dC_p, dD_p, dh0
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+
+
+def _softplus(x):
+    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def _step_inputs(cfg, t, u_ref, dt_ref, bias):
+    """u_t, effective dt_t and raw dt_t (+bias), float32 (W,)."""
+    u = u_ref[t, :].astype(_F32)
+    raw = dt_ref[t, :].astype(_F32)
+    if bias is not None:
+        raw = raw + bias
+    dt = _softplus(raw) if cfg.softplus else raw
+    if cfg.seq_len % cfg.block_l:
+        dt = jnp.where(t < cfg.seq_len, dt, 0.0)  # identity steps in the padded tail
+    return u, dt, raw
+
+
+def _forward_kernel(*refs, cfg, has, num_chunks):
+    u_ref, dt_ref, A_ref, B_ref, C_ref, *rest = refs
+    has_D, has_z, has_bias, has_h0 = has
+    D_ref = rest.pop(0) if has_D else None
+    z_ref = rest.pop(0) if has_z else None
+    bias_ref = rest.pop(0) if has_bias else None
+    h0_ref = rest.pop(0) if has_h0 else None
+    y_ref, st_ref, hT_ref = rest
+    T = cfg.block_l
+
+    A = A_ref[...].astype(_F32)
+    Dv = D_ref[...].astype(_F32) if has_D else None
+    bias = bias_ref[...].astype(_F32) if has_bias else None
+    h = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros(A.shape, _F32)
+
+    def chunk(c, h):
+        st_ref[c, :, :] = h
+
+        def step(s, h):
+            t = c * T + s
+            u, dt, _ = _step_inputs(cfg, t, u_ref, dt_ref, bias)
+            Bt = B_ref[t, :].astype(_F32)
+            Ct = C_ref[t, :].astype(_F32)
+            h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+            y = jnp.sum(h * Ct[None, :], axis=1)
+            if has_D:
+                y = y + Dv * u
+            if has_z:
+                zt = z_ref[t, :].astype(_F32)
+                y = y * (zt * _sigmoid(zt))
+            y_ref[t, :] = y.astype(y_ref.dtype)
+            return h
+
+        return lax.fori_loop(0, T, step, h)
+
+    h = lax.fori_loop(0, num_chunks, chunk, h)
+    hT_ref[...] = h
+
+
+def _backward_kernel(*refs, cfg, has, num_chunks):
+    u_ref, dt_ref, A_ref, B_ref, C_ref, st_ref, dy_ref, dhT_ref, *rest = refs
+    has_D, has_z, has_bias, has_dst = has
+    D_ref = rest.pop(0) if has_D else None
+    z_ref = rest.pop(0) if has_z else None
+    bias_ref = rest.pop(0) if has_bias else None
+    dst_ref = rest.pop(0) if has_dst else None
+    du_ref, ddt_ref, dA_ref, dB_ref, dC_ref, dh0_ref, hbuf_ref, *rest = rest
+    dz_ref = rest.pop(0) if has_z else None
+    dD_ref = rest.pop(0) if has_D else None
+    T = cfg.block_l
+
+    A = A_ref[...].astype(_F32)
+    Dv = D_ref[...].astype(_F32) if has_D else None
+    bias = bias_ref[...].astype(_F32) if has_bias else None
+    W = A.shape[0]
+
+    def chunk(r, carry):
+        dh, dA_acc, dD_acc = carry
+        c = num_chunks - 1 - r
+        h_start = st_ref[c, :, :]
+
+        # 1. Recompute the chunk's states from its boundary state.
+        def fwd_step(s, h):
+            t = c * T + s
+            u, dt, _ = _step_inputs(cfg, t, u_ref, dt_ref, bias)
+            Bt = B_ref[t, :].astype(_F32)
+            h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+            hbuf_ref[s, :, :] = h
+            return h
+
+        lax.fori_loop(0, T, fwd_step, h_start)
+
+        # 2. Adjoint recurrence in reverse time.
+        def bwd_step(q, carry):
+            dh, dA_acc, dD_acc = carry
+            s = T - 1 - q
+            t = c * T + s
+            u, dt, raw = _step_inputs(cfg, t, u_ref, dt_ref, bias)
+            Bt = B_ref[t, :].astype(_F32)
+            Ct = C_ref[t, :].astype(_F32)
+            dy = dy_ref[t, :].astype(_F32)
+            h = hbuf_ref[s, :, :]
+            h_prev = jnp.where(s > 0, hbuf_ref[jnp.maximum(s - 1, 0), :, :], h_start)
+            if has_z:
+                zt = z_ref[t, :].astype(_F32)
+                sig = _sigmoid(zt)
+                y_pre = jnp.sum(h * Ct[None, :], axis=1)
+                if has_D:
+                    y_pre = y_pre + Dv * u
+                dz = dy * y_pre * sig * (1.0 + zt * (1.0 - sig))
+                dz_ref[t, :] = dz.astype(dz_ref.dtype)
+                gy = dy * zt * sig
+            else:
+                gy = dy
+            dC_ref[t, :] = jnp.sum(gy[:, None] * h, axis=0)
+            dh = dh + gy[:, None] * Ct[None, :]
+            decay = jnp.exp(dt[:, None] * A)
+            dh_decay = dh * h_prev * decay
+            dhB = jnp.sum(dh * Bt[None, :], axis=1)
+            ddt = jnp.sum(dh_decay * A, axis=1) + dhB * u
+            du = dhB * dt
+            if has_D:
+                du = du + gy * Dv
+                dD_acc = dD_acc + gy * u
+            dB_ref[t, :] = jnp.sum(dh * (dt * u)[:, None], axis=0)
+            dA_acc = dA_acc + dh_decay * dt[:, None]
+            if cfg.seq_len % cfg.block_l:
+                ddt = jnp.where(t < cfg.seq_len, ddt, 0.0)
+            if cfg.softplus:
+                ddt = ddt * _sigmoid(raw)
+            du_ref[t, :] = du.astype(du_ref.dtype)
+            ddt_ref[t, :] = ddt.astype(ddt_ref.dtype)
+            return dh * decay, dA_acc, dD_acc
+
+        dh, dA_acc, dD_acc = lax.fori_loop(0, T, bwd_step, (dh, dA_acc, dD_acc))
+        if has_dst:
+            dh = dh + dst_ref[c, :, :]
+        return dh, dA_acc, dD_acc
+
+    dh = dhT_ref[...].astype(_F32)
+    zeros = jnp.zeros(A.shape, _F32)
+    dh, dA_acc, dD_acc = lax.fori_loop(0, num_chunks, chunk, (dh, zeros, jnp.zeros((W,), _F32)))
+    dh0_ref[...] = dh
+    dA_ref[...] = dA_acc
+    if has_D:
+        dD_ref[...] = dD_acc
