@@ -116,12 +116,7 @@ def _impl_fn(impl: str, chunk_size: int | None) -> Callable:
         from pallas_kernels.selective_scan import selective_scan_pallas
 
         return selective_scan_pallas
-    core = {
-        "reference": _reference_core,
-        "sequential": _sequential_core,
-        "chunked": functools.partial(_chunked_scan, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE),
-    }[impl]
-    return functools.partial(_xla_selective_scan, core)
+    return functools.partial(_xla_selective_scan, impl, chunk_size or DEFAULT_CHUNK_SIZE)
 
 
 # --------------------------------------------------------------------------
@@ -189,10 +184,12 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
 # --------------------------------------------------------------------------
 
 
-def _xla_selective_scan(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+@functools.partial(jax.jit, static_argnums=(0, 1, 10))
+def _xla_selective_scan(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
     """Pre/post-processing shared by the XLA implementations (autodiff handles it).
 
-    ``core(u, dt, A, B, C, h0)`` works on float32 arrays in the grouped layout:
+    Jitted so that eager calls compile once; inside an outer jit it is inlined.
+    The core ``_CORES[impl](u, dt, A, B, C, h0)`` works on float32 arrays in the grouped layout:
     u, dt (b, l, g, p); A (g, p, n); B, C (b, l, g, n); h0 (b, g, p, n), where
     p = d // g; it returns y (b, l, g, p) and the final state (b, g, p, n).
     """
@@ -206,6 +203,7 @@ def _xla_selective_scan(core, u, delta, A, B, C, D, z, delta_bias, delta_softplu
     if delta_softplus:
         dt = jax.nn.softplus(dt)
     h0 = jnp.zeros((b, d, n), _F32) if initial_state is None else initial_state.astype(_F32)
+    core = _CORES[impl] if impl != "chunked" else functools.partial(_chunked_scan, chunk_size=chunk_size)
     y, hT = core(
         uf.reshape(b, l, g, p),
         dt.reshape(b, l, g, p),
@@ -344,3 +342,5 @@ def _chunked_bwd(T, res, cotangents):
 
 
 _chunked_core.defvjp(_chunked_fwd, _chunked_bwd)
+
+_CORES = {"reference": _reference_core, "sequential": _sequential_core}

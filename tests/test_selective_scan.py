@@ -1,0 +1,148 @@
+"""The XLA selective-scan implementations against a float64 oracle and each other."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import GRAD_TOL, TOL, rel_err, selective_scan_oracle
+from scan_inputs import make_scan_inputs
+
+import mamba_jax as mj
+
+XLA_IMPLS = ["reference", "sequential", "chunked"]
+
+# (b, l, d, n, g, options): lengths around the chunk size 16 used below (1, primes, < T, = T, > T).
+CASES = {
+    "l1": (2, 1, 6, 4, None, dict(D=False, z=False, bias=False, h0=False)),
+    "l7_groups_noh0": (1, 7, 8, 3, 2, dict(h0=False)),
+    "l16_plain": (2, 16, 6, 5, None, dict(D=False, z=False, bias=False, h0=False, softplus=False)),
+    "l37_all": (2, 37, 12, 5, 3, dict()),
+    "l67_ungrouped": (1, 67, 10, 4, None, dict(bias=False)),
+}
+
+
+def _run(impl, args, softplus=True, **kw):
+    if impl == "chunked":
+        kw.setdefault("chunk_size", 16)
+    return mj.ops.selective_scan(**args, delta_softplus=softplus, return_final_state=True, impl=impl, **kw)
+
+
+@pytest.mark.parametrize("impl", XLA_IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_matches_float64_oracle(impl, case):
+    b, l, d, n, g, opts = CASES[case]
+    opts = dict(opts)
+    softplus = opts.pop("softplus", True)
+    args = make_scan_inputs(list(CASES).index(case), b, l, d, n, g, **opts)
+    y, h = _run(impl, args, softplus)
+    y_ref, h_ref = selective_scan_oracle(**args, delta_softplus=softplus)
+    assert y.dtype == jnp.float32 and h.dtype == jnp.float32
+    assert rel_err(y, y_ref) < TOL["float32"]
+    assert rel_err(h, h_ref) < TOL["float32"]
+
+
+@pytest.mark.parametrize("impl", XLA_IMPLS)
+def test_bfloat16_inputs(impl):
+    args = make_scan_inputs(11, 2, 37, 12, 5, 3, dtype=jnp.bfloat16)
+    y, h = _run(impl, args)
+    y_ref, h_ref = selective_scan_oracle(**args, delta_softplus=True)
+    assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
+    assert rel_err(y, y_ref) < TOL["bfloat16"]
+    # The state is float32 arithmetic on bf16-rounded inputs: as exact as float32.
+    assert rel_err(h, h_ref) < TOL["float32"]
+
+
+def test_default_chunk_size_and_auto():
+    args = make_scan_inputs(3, 1, 150, 8, 4)
+    y_ref, h_ref = selective_scan_oracle(**args, delta_softplus=True)
+    for impl in ("chunked", "auto"):
+        y, h = mj.ops.selective_scan(**args, delta_softplus=True, return_final_state=True, impl=impl)
+        assert rel_err(y, y_ref) < TOL["float32"] and rel_err(h, h_ref) < TOL["float32"]
+    assert mj.ops.resolve_impl(1) == "sequential"
+    assert mj.ops.resolve_impl(4096) == "chunked"
+
+
+def _grads(impl, args, cot_y, cot_h):
+    names = list(args)
+
+    def loss(*values):
+        y, h = _run(impl, dict(zip(names, values)))
+        return jnp.sum(y.astype(jnp.float32) * cot_y) + jnp.sum(h * cot_h)
+
+    return dict(zip(names, jax.jit(jax.grad(loss, argnums=tuple(range(len(names)))))(*args.values())))
+
+
+@pytest.mark.parametrize("impl", ["sequential", "chunked"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(2, 37, 12, 5, 3), (1, 16, 6, 4, None)])
+def test_gradients_match_reference(impl, dtype, shape):
+    b, l, d, n, g = shape
+    args = make_scan_inputs(5, b, l, d, n, g, dtype=jnp.dtype(dtype))
+    kc = jax.random.split(jax.random.key(99))
+    cot_y = jax.random.normal(kc[0], (b, l, d), jnp.float32)
+    cot_h = jax.random.normal(kc[1], (b, d, n), jnp.float32)
+    ref = _grads("reference", args, cot_y, cot_h)
+    out = _grads(impl, args, cot_y, cot_h)
+    assert set(out) == {"u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"}
+    for name in ref:
+        assert out[name].dtype == args[name].dtype, name
+        assert rel_err(out[name], ref[name]) < GRAD_TOL["float32"] * (1 if dtype == "float32" else 100), name
+
+
+def test_gradients_against_finite_differences():
+    """The reference gradient itself, checked in float64-free fashion by central differences."""
+    args = make_scan_inputs(8, 1, 5, 4, 3, 2)
+    v = jax.random.normal(jax.random.key(1), args["u"].shape, jnp.float32)
+    f = lambda u: jnp.sum(_run("chunked", {**args, "u": u})[0] ** 2)
+    g = jax.grad(f)(args["u"])
+    eps = 1e-2
+    fd = (f(args["u"] + eps * v) - f(args["u"] - eps * v)) / (2 * eps)
+    assert abs(float(jnp.vdot(g, v)) - float(fd)) < 1e-2 * abs(float(fd)) + 1e-3
+
+
+def test_chunked_training_memory_is_per_chunk():
+    """The chunked backward keeps boundary states only, not all (b, l, d, n) states."""
+    b, l, d, n = 1, 2048, 64, 16
+    args = make_scan_inputs(0, b, l, d, n, D=False, z=False, bias=False, h0=False)
+    all_states_bytes = b * l * d * n * 4
+
+    def temp_bytes(impl):
+        f = lambda u: jnp.sum(mj.ops.selective_scan(**{**args, "u": u}, impl=impl))
+        return jax.jit(jax.grad(f)).lower(args["u"]).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("reference") >= all_states_bytes
+    assert temp_bytes("chunked") < all_states_bytes / 4
+
+
+def test_jit_and_vmap_compose():
+    args = make_scan_inputs(2, 2, 20, 6, 3)
+    y = jax.jit(lambda a: mj.ops.selective_scan(**a, impl="chunked", chunk_size=8))(args)
+    y_ref, _ = selective_scan_oracle(**args)
+    assert rel_err(y, y_ref) < TOL["float32"]
+
+
+BAD = [
+    (dict(u=jnp.zeros((2, 5))), ValueError, r"u must have shape \(b, l, d\)"),
+    (dict(delta=jnp.zeros((2, 5, 7))), ValueError, r"delta must have shape \(b, l, d\)=\(2, 5, 6\)"),
+    (dict(A=jnp.zeros((5, 4))), ValueError, r"A must have shape \(d, n\) with d=6"),
+    (dict(B=jnp.zeros((2, 5, 3))), ValueError, r"B must have shape \(b, l, n\)=\(2, 5, 4\)"),
+    (dict(B=jnp.zeros((2, 5, 4, 4)), C=jnp.zeros((2, 5, 4, 4))), ValueError, r"groups g=4 in B must divide d=6"),
+    (dict(C=jnp.zeros((2, 5, 2, 4))), ValueError, "B and C must have the same groups"),
+    (dict(D=jnp.zeros((2, 6))), ValueError, r"D must have shape \(d,\)"),
+    (dict(z=jnp.zeros((2, 5, 1))), ValueError, r"z must have shape \(b, l, d\)"),
+    (dict(delta_bias=jnp.zeros((1,))), ValueError, r"delta_bias must have shape \(d,\)"),
+    (dict(initial_state=jnp.zeros((1, 6, 4))), ValueError, r"initial_state must have shape \(b, d, n\)=\(2, 6, 4\)"),
+    (dict(u=jnp.zeros((2, 5, 6), jnp.int32)), TypeError, "u must have a floating dtype"),
+    (dict(B=jnp.zeros((2, 5, 4), jnp.int32)), TypeError, "B must have a floating dtype"),
+    (dict(impl="fast"), ValueError, "impl='fast' is not one of"),
+    (dict(impl="sequential", chunk_size=4), ValueError, "chunk_size is only used by impl='chunked'"),
+    (dict(impl="chunked", chunk_size=0), ValueError, "chunk_size=0 must be a positive int"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", BAD)
+def test_bad_inputs_raise(override, exc, match):
+    args = dict(u=jnp.ones((2, 5, 6)), delta=jnp.ones((2, 5, 6)), A=-jnp.ones((6, 4)), B=jnp.ones((2, 5, 4)), C=jnp.ones((2, 5, 4)))
+    args.update(override)
+    with pytest.raises(exc, match=match):
+        mj.ops.selective_scan(**args)
