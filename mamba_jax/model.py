@@ -65,14 +65,29 @@ class MambaLM(nnx.Module):
         return MambaCache(layers=tuple(layer for _ in range(cfg.n_layer)))
 
     def __call__(
-        self, input_ids: Int[Array, "b l"], cache: MambaCache | None = None
+        self, input_ids: Int[Array, "b l"], cache: MambaCache | None = None, mask: Array | None = None
     ) -> Float[Array, "b l v"] | tuple[Float[Array, "b l v"], MambaCache]:
+        """Logits for ``input_ids``; with ``cache``, also the updated cache.
+
+        ``mask`` (b, l) bool, optional: ``False`` marks padding. Padded steps leave
+        every layer's state unchanged and feed zeros to the convolutions, so with
+        left padding each sequence's real tokens get the logits they get alone.
+        (Padding between real tokens is not supported: the convolution would see
+        the zeros.) The logits at padded positions are meaningless.
+        """
         self._check_input_ids(input_ids, cache)
+        if mask is not None:
+            if not hasattr(mask, "shape") or tuple(mask.shape) != tuple(input_ids.shape) or mask.dtype != jnp.bool_:
+                raise ValueError(
+                    f"mask must be a bool array of shape (b, l)={tuple(input_ids.shape)}, "
+                    f"got {getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}"
+                )
         hidden = self.embedding(input_ids)
         residual = None
         new_layers = []
         for i, layer in enumerate(self.layers):
-            hidden, residual, layer_cache = layer(hidden, residual, None if cache is None else cache.layers[i])
+            layer_cache = None if cache is None else cache.layers[i]
+            hidden, residual, layer_cache = layer(hidden, residual, layer_cache, mask)
             new_layers.append(layer_cache)
         residual = residual + hidden.astype(residual.dtype)
         hidden = self.norm_f(residual)

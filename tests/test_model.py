@@ -168,3 +168,22 @@ def test_bad_inputs_raise():
         mj.MambaConfig(d_model=0)
     with pytest.raises(ValueError, match="MambaConfig.scan_impl='fast'"):
         mj.MambaConfig(scan_impl="fast")
+
+
+@pytest.mark.parametrize("selective", [True, False])
+def test_left_padding_mask_leaves_real_tokens_unchanged(selective):
+    model = _model(selective=selective)
+    ids = jax.random.randint(jax.random.key(4), (1, 12), 0, 97)
+    alone, cache_alone = model(ids, cache=model.init_cache(1))
+    pad = 5
+    padded = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), ids], axis=1)
+    mask = jnp.arange(pad + 12)[None] >= pad
+    out, cache = model(padded, cache=model.init_cache(1), mask=mask)
+    assert rel_err(out[:, pad:], alone) < 1e-5
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(cache_alone)):
+        assert rel_err(a, b) < 1e-5
+    # Without the mask the pad tokens do leak into the state.
+    unmasked, _ = model(padded, cache=model.init_cache(1))
+    assert rel_err(unmasked[:, pad:], alone) > 1e-3
+    with pytest.raises(ValueError, match=r"mask must be a bool array of shape \(b, l\)"):
+        model(padded, mask=mask.astype(jnp.int32))

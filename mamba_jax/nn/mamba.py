@@ -140,16 +140,27 @@ class MambaMixer(nnx.Module):
         self.out_proj = linear(d, e, ("mlp", "embed"), config.bias, out_init)
 
     def __call__(
-        self, hidden: Float[Array, "b l e"], cache: MambaLayerCache | None = None
+        self,
+        hidden: Float[Array, "b l e"],
+        cache: MambaLayerCache | None = None,
+        mask: Array | None = None,
     ) -> Float[Array, "b l e"] | tuple[Float[Array, "b l e"], MambaLayerCache]:
+        """Mixes along time. ``mask`` (b, l) bool marks real tokens: masked steps
+        feed zeros to the convolution and leave the SSM state unchanged (delta = 0),
+        so left padding does not change the outputs of the real tokens."""
         cfg = self.config
         b, l, _ = hidden.shape
         x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
+        keep = None if mask is None else mask[..., None]
+        if keep is not None:
+            x = jnp.where(keep, x, jnp.zeros_like(x))
         if cache is None:
             x = self.conv1d(x)
         else:
             x, conv_state = self.conv1d(x, cache.conv_state)
         x = jax.nn.silu(x)
+        if keep is not None:
+            x = jnp.where(keep, x, jnp.zeros_like(x))
         if cfg.selective:
             r, n = cfg.resolved_dt_rank, cfg.d_state
             x_dbl = self.x_proj(x)
@@ -162,6 +173,10 @@ class MambaMixer(nnx.Module):
             C = jnp.broadcast_to(self.C[...].astype(self.dtype), (b, l, cfg.d_state))
             delta_bias = self.dt_bias[...]
         A = -jnp.exp(self.A_log[...].astype(_F32))
+        delta_bias = delta_bias.astype(_F32)
+        if keep is not None:  # identity steps: exp(0 * A) = 1 and no input
+            dt = jnp.where(keep, jax.nn.softplus(dt.astype(_F32) + delta_bias), 0.0)
+            delta_bias = None
         y, ssm_state = selective_scan(
             x,
             dt,
@@ -170,8 +185,8 @@ class MambaMixer(nnx.Module):
             C,
             D=self.D[...].astype(_F32),
             z=z,
-            delta_bias=delta_bias.astype(_F32),
-            delta_softplus=True,
+            delta_bias=delta_bias,
+            delta_softplus=keep is None,
             initial_state=None if cache is None else cache.ssm_state,
             return_final_state=True,
             impl=cfg.scan_impl,
@@ -190,12 +205,12 @@ class MambaBlock(nnx.Module):
         self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mixer = MambaMixer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, hidden, residual, cache: MambaLayerCache | None = None):
+    def __call__(self, hidden, residual, cache: MambaLayerCache | None = None, mask=None):
         residual = hidden if residual is None else residual + hidden.astype(residual.dtype)
         if self.residual_in_fp32:
             residual = residual.astype(_F32)
         hidden = self.norm(residual)
         if cache is None:
-            return self.mixer(hidden), residual, None
-        hidden, cache = self.mixer(hidden, cache)
+            return self.mixer(hidden, mask=mask), residual, None
+        hidden, cache = self.mixer(hidden, cache, mask)
         return hidden, residual, cache

@@ -20,7 +20,9 @@ Implementations (``impl=``):
   recomputes the states inside each chunk in the backward pass: training memory
   O(b * l/T * d * n) instead of O(b * l * d * n).
 * ``"pallas"``     the Pallas kernels in ``pallas_kernels.selective_scan``.
-* ``"auto"``       resolved by :func:`resolve_impl` (one documented policy).
+* ``"auto"``       resolved by :func:`resolve_impl` (one documented policy): the
+  Pallas kernels on TPU and GPU, chosen per platform at lowering time by
+  ``jax.lax.platform_dependent``; sequential or chunked on CPU.
 """
 
 from __future__ import annotations
@@ -97,21 +99,54 @@ def selective_scan(
     return (y, final_state) if return_final_state else y
 
 
-def resolve_impl(seq_len: int, backend: str | None = None) -> str:
+def resolve_impl(seq_len: int, backend: str | None = None, state_size: int | None = None) -> str:
     """The ``impl="auto"`` policy, in one place.
 
-    * On CPU: ``"sequential"`` for sequences of at most ``DEFAULT_CHUNK_SIZE``
+    * CPU: ``"sequential"`` for sequences of at most ``DEFAULT_CHUNK_SIZE``
       steps (decode steps, short prompts: no padding to a chunk), ``"chunked"``
       otherwise (fastest measured on CPU, and O(l/T) training memory; see
       ``experiments/bench_scan.py``).
-    * On GPU and TPU the same choice is made until the Pallas kernels are
-      dispatched here; an explicit ``impl="pallas"`` is never silently replaced.
+    * TPU and GPU (``"tpu"``, ``"cuda"``): ``"pallas"``, the kernels that keep
+      the state on chip, for every shape they support (state size ``n`` up to
+      ``pallas_kernels.selective_scan.block_sizes.MAX_STATE_SIZE``); the CPU
+      choice otherwise. Other backends (e.g. ``"rocm"``): the CPU choice.
+
+    With ``backend=None`` the answer is an :class:`AutoImpl`: a string equal to
+    the CPU choice that also carries the choice for every platform, from which
+    ``_impl_fn`` builds one function with ``jax.lax.platform_dependent``, so one
+    jitted (or exported) function runs the right implementation on each
+    platform. An explicit ``impl=`` is never replaced.
     """
-    del backend
-    return "sequential" if seq_len <= DEFAULT_CHUNK_SIZE else "chunked"
+    xla = "sequential" if seq_len <= DEFAULT_CHUNK_SIZE else "chunked"
+    from pallas_kernels.selective_scan.block_sizes import MAX_STATE_SIZE
+
+    kernel = "pallas" if state_size is None or state_size <= MAX_STATE_SIZE else xla
+    choices = {"cpu": xla, "tpu": kernel, "cuda": kernel}
+    if backend is None:
+        return AutoImpl(xla, choices)
+    return choices.get(backend, xla)
+
+
+class AutoImpl(str):
+    """``resolve_impl``'s answer without a backend: the CPU choice, plus ``choices`` per platform."""
+
+    def __new__(cls, value: str, choices: dict[str, str]):
+        self = super().__new__(cls, value)
+        self.choices = choices
+        return self
 
 
 def _impl_fn(impl: str, chunk_size: int | None) -> Callable:
+    if isinstance(impl, AutoImpl):
+
+        def auto(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+            choices = resolve_impl(u.shape[1], state_size=A.shape[1]).choices
+            branch = lambda name: lambda *a: _impl_fn(name, chunk_size)(*a[:8], delta_softplus, a[8])
+            fns = {platform: branch(name) for platform, name in choices.items()}
+            arrays = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+            return lax.platform_dependent(*arrays, default=fns.pop("cpu"), **fns)
+
+        return auto
     if impl == "pallas":
         from pallas_kernels.selective_scan import selective_scan_pallas
 

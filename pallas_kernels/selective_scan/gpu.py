@@ -222,16 +222,27 @@ def _sigmoid(x):
     return 1.0 / (1.0 + jnp.exp(-x))
 
 
-def _step_inputs(cfg, t, u_ref, dt_ref, bias):
-    """u_t, effective dt_t and raw dt_t (+bias), float32 (W,)."""
-    u = u_ref[t, :].astype(_F32)
-    raw = dt_ref[t, :].astype(_F32)
+def _dt_of(cfg, t, raw, bias):
+    """Effective dt_t and raw dt_t (+bias), float32 (W,), from the stored row."""
+    raw = raw.astype(_F32)
     if bias is not None:
         raw = raw + bias
     dt = _softplus(raw) if cfg.softplus else raw
     if cfg.seq_len % cfg.block_l:
         dt = jnp.where(t < cfg.seq_len, dt, 0.0)  # identity steps in the padded tail
-    return u, dt, raw
+    return dt, raw
+
+
+def _row_loader(refs, length):
+    """Loads row t (clamped to the sequence) of each ref: issued one step ahead
+    of its use (carried through the loop), so the load latency overlaps the
+    previous step's arithmetic instead of sitting on the recurrence's path."""
+
+    def load(t):
+        t = jnp.minimum(jnp.maximum(t, 0), length - 1)
+        return tuple(r[t, :] for r in refs)
+
+    return load
 
 
 def _forward_kernel(*refs, cfg, has, num_chunks):
@@ -248,28 +259,31 @@ def _forward_kernel(*refs, cfg, has, num_chunks):
     Dv = D_ref[...].astype(_F32) if has_D else None
     bias = bias_ref[...].astype(_F32) if has_bias else None
     h = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros(A.shape, _F32)
+    load = _row_loader([u_ref, dt_ref, B_ref, C_ref] + ([z_ref] if has_z else []), num_chunks * T)
 
-    def chunk(c, h):
+    def chunk(c, carry):
+        h, _ = carry
         st_ref[c, :, :] = h
 
-        def step(s, h):
+        def step(s, carry):
+            h, rows = carry
             t = c * T + s
-            u, dt, _ = _step_inputs(cfg, t, u_ref, dt_ref, bias)
-            Bt = B_ref[t, :].astype(_F32)
-            Ct = C_ref[t, :].astype(_F32)
+            nxt = load(t + 1)
+            u, raw, Bt, Ct = (x.astype(_F32) for x in rows[:4])
+            dt, _ = _dt_of(cfg, t, raw, bias)
             h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
             y = jnp.sum(h * Ct[None, :], axis=1)
             if has_D:
                 y = y + Dv * u
             if has_z:
-                zt = z_ref[t, :].astype(_F32)
+                zt = rows[4].astype(_F32)
                 y = y * (zt * _sigmoid(zt))
             y_ref[t, :] = y.astype(y_ref.dtype)
-            return h
+            return h, nxt
 
-        return lax.fori_loop(0, T, step, h)
+        return lax.fori_loop(0, T, step, carry)
 
-    h = lax.fori_loop(0, num_chunks, chunk, h)
+    h, _ = lax.fori_loop(0, num_chunks, chunk, (h, load(0)))
     hT_ref[...] = h
 
 
@@ -284,11 +298,15 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
     dz_ref = rest.pop(0) if has_z else None
     dD_ref = rest.pop(0) if has_D else None
     T = cfg.block_l
+    L = num_chunks * T
 
     A = A_ref[...].astype(_F32)
     Dv = D_ref[...].astype(_F32) if has_D else None
     bias = bias_ref[...].astype(_F32) if has_bias else None
     W = A.shape[0]
+    load_fwd = _row_loader([u_ref, dt_ref, B_ref], L)
+    load_bwd = _row_loader([u_ref, dt_ref, B_ref, C_ref, dy_ref] + ([z_ref] if has_z else []), L)
+    load_h = _row_loader([hbuf_ref], T)
 
     def chunk(r, carry):
         dh, dA_acc, dD_acc = carry
@@ -296,29 +314,31 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
         h_start = st_ref[c, :, :]
 
         # 1. Recompute the chunk's states from its boundary state.
-        def fwd_step(s, h):
+        def fwd_step(s, carry):
+            h, rows = carry
             t = c * T + s
-            u, dt, _ = _step_inputs(cfg, t, u_ref, dt_ref, bias)
-            Bt = B_ref[t, :].astype(_F32)
+            nxt = load_fwd(t + 1)
+            u, raw, Bt = (x.astype(_F32) for x in rows)
+            dt, _ = _dt_of(cfg, t, raw, bias)
             h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
             hbuf_ref[s, :, :] = h
-            return h
+            return h, nxt
 
-        lax.fori_loop(0, T, fwd_step, h_start)
+        lax.fori_loop(0, T, fwd_step, (h_start, load_fwd(c * T)))
 
-        # 2. Adjoint recurrence in reverse time.
+        # 2. Adjoint recurrence in reverse time. h_t comes from the previous
+        # (later) step's h_{t-1}; h_{t-1} is loaded one step ahead.
         def bwd_step(q, carry):
-            dh, dA_acc, dD_acc = carry
+            dh, dA_acc, dD_acc, h, h_prev_row, rows = carry
             s = T - 1 - q
             t = c * T + s
-            u, dt, raw = _step_inputs(cfg, t, u_ref, dt_ref, bias)
-            Bt = B_ref[t, :].astype(_F32)
-            Ct = C_ref[t, :].astype(_F32)
-            dy = dy_ref[t, :].astype(_F32)
-            h = hbuf_ref[s, :, :]
-            h_prev = jnp.where(s > 0, hbuf_ref[jnp.maximum(s - 1, 0), :, :], h_start)
+            nxt = load_bwd(t - 1)
+            nxt_prev = load_h(s - 2)
+            h_prev = jnp.where(s > 0, h_prev_row[0], h_start)
+            u, raw, Bt, Ct, dy = (x.astype(_F32) for x in rows[:5])
+            dt, raw = _dt_of(cfg, t, raw, bias)
             if has_z:
-                zt = z_ref[t, :].astype(_F32)
+                zt = rows[5].astype(_F32)
                 sig = _sigmoid(zt)
                 y_pre = jnp.sum(h * Ct[None, :], axis=1)
                 if has_D:
@@ -346,9 +366,10 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
                 ddt = ddt * _sigmoid(raw)
             du_ref[t, :] = du.astype(du_ref.dtype)
             ddt_ref[t, :] = ddt.astype(ddt_ref.dtype)
-            return dh * decay, dA_acc, dD_acc
+            return dh * decay, dA_acc, dD_acc, h_prev, nxt_prev, nxt
 
-        dh, dA_acc, dD_acc = lax.fori_loop(0, T, bwd_step, (dh, dA_acc, dD_acc))
+        init = (dh, dA_acc, dD_acc, hbuf_ref[T - 1, :, :], load_h(T - 2), load_bwd(c * T + T - 1))
+        dh, dA_acc, dD_acc, *_ = lax.fori_loop(0, T, bwd_step, init)
         if has_dst:
             dh = dh + dst_ref[c, :, :]
         return dh, dA_acc, dD_acc
