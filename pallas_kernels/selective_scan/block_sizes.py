@@ -33,16 +33,21 @@ class SelectiveScanBlockSizes:
         a multiple of 1024 fills whole (8, 128) f32 vregs). GPU: a power of two.
         Channel tiles never straddle a group: each group's channels are padded
         to a multiple of ``block_d``.
+      num_warps: warps per program of the GPU kernel (a power of two).
     """
 
     block_l: int = 64
     block_d: int | None = None
+    num_warps: int = 2
+
 
     def __post_init__(self):
         if not isinstance(self.block_l, int) or self.block_l < 1:
             raise ValueError(f"block_l={self.block_l!r} must be a positive int")
         if self.block_d is not None and (not isinstance(self.block_d, int) or self.block_d < 1):
             raise ValueError(f"block_d={self.block_d!r} must be a positive int or None")
+        if not isinstance(self.num_warps, int) or self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps={self.num_warps!r} must be a power of two")
 
     def tpu_block_d(self, channels_per_group: int) -> int:
         """The TPU channel tile for groups of ``channels_per_group`` channels."""

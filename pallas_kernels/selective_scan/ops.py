@@ -16,6 +16,8 @@ for ``platforms=["tpu"]`` or ``["cuda"]`` holds the real kernel.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -108,6 +110,7 @@ def selective_scan_pallas(
     )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("bs", "softplus", "state_interval"))
 def _run(platform, interpret, u, delta, A, B, C, D, z, bias, h0, *, bs, softplus, state_interval):
     """Pads, runs one platform's kernel, crops."""
     b, l, d = u.shape
@@ -144,7 +147,7 @@ def _run(platform, interpret, u, delta, A, B, C, D, z, bias, h0, *, bs, softplus
         cfg = TpuScanConfig(l, T, W, P // W, softplus, want_states, interpret)
         out = selective_scan_tpu(cfg, seq(u), seq(delta), state(A.astype(_F32)), Bp, Cp, vec(D), seq(z), vec(bias), h0)
     else:
-        cfg = GpuScanConfig(l, T, W, P // W, softplus, want_states, bool(interpret))
+        cfg = GpuScanConfig(l, T, W, P // W, softplus, want_states, bool(interpret), bs.num_warps)
         out = selective_scan_gpu(cfg, seq(u), seq(delta), state(A.astype(_F32)), Bp, Cp, vec(D), seq(z), vec(bias), h0)
 
     def crop_state(x):  # (..., g * P, N) -> (..., d, n)
