@@ -3,6 +3,7 @@
 from mamba_jax import ops
 from mamba_jax.cache import MambaCache, MambaLayerCache
 from mamba_jax.config import MambaConfig
+from mamba_jax.generate import generate
 from mamba_jax.model import MambaLM
 
-__all__ = ["ops", "MambaConfig", "MambaLM", "MambaCache", "MambaLayerCache"]
+__all__ = ["ops", "MambaConfig", "MambaLM", "MambaCache", "MambaLayerCache", "generate"]
