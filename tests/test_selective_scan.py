@@ -22,7 +22,7 @@ CASES = {
 
 
 def _run(impl, args, softplus=True, **kw):
-    if impl == "chunked":
+    if impl in ("sequential", "chunked"):
         kw.setdefault("chunk_size", 16)
     return mj.ops.selective_scan(**args, delta_softplus=softplus, return_final_state=True, impl=impl, **kw)
 
@@ -58,8 +58,8 @@ def test_default_chunk_size_and_auto():
     for impl in ("chunked", "auto"):
         y, h = mj.ops.selective_scan(**args, delta_softplus=True, return_final_state=True, impl=impl)
         assert rel_err(y, y_ref) < TOL["float32"] and rel_err(h, h_ref) < TOL["float32"]
-    assert mj.ops.resolve_impl(1) == "sequential"
-    assert mj.ops.resolve_impl(4096) == "chunked"
+    assert mj.ops.resolve_impl(1, backend="cpu") == "sequential"
+    assert mj.ops.resolve_impl(4096, backend="cpu") == "sequential"
 
 
 def _grads(impl, args, cot_y, cot_h):
@@ -111,6 +111,7 @@ def test_chunked_training_memory_is_per_chunk():
         return jax.jit(jax.grad(f)).lower(args["u"]).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes("reference") >= all_states_bytes
+    assert temp_bytes("sequential") < all_states_bytes / 4
     assert temp_bytes("chunked") < all_states_bytes / 4
 
 
@@ -135,7 +136,7 @@ BAD = [
     (dict(u=jnp.zeros((2, 5, 6), jnp.int32)), TypeError, "u must have a floating dtype"),
     (dict(B=jnp.zeros((2, 5, 4), jnp.int32)), TypeError, "B must have a floating dtype"),
     (dict(impl="fast"), ValueError, "impl='fast' is not one of"),
-    (dict(impl="sequential", chunk_size=4), ValueError, "chunk_size is only used by impl='chunked'"),
+    (dict(impl="reference", chunk_size=4), ValueError, "chunk_size is only used by impl='sequential' or 'chunked'"),
     (dict(impl="chunked", chunk_size=0), ValueError, "chunk_size=0 must be a positive int"),
 ]
 
