@@ -214,7 +214,7 @@ def main():
     if on_gpu and "pallas" in impls:
         shape = (1, 2048, 1024) if a.quick else GPU_TUNE_SHAPE
         for w, nw in GPU_TUNE:
-            bs = SelectiveScanBlockSizes(block_d=w, num_warps=nw)
+            bs = SelectiveScanBlockSizes(gpu_block_d=w, num_warps=nw)
             r, _ = bench_one("pallas", shape, dtype, mem_limit, block_sizes=bs)
             r.update(block_d=w, num_warps=nw)
             tune_rows.append(r)
@@ -222,7 +222,7 @@ def main():
         ok = [r for r in tune_rows if "fwd_bwd_s" in r]
         if ok:
             best = min(ok, key=lambda r: r["fwd_bwd_s"])
-            tuned = SelectiveScanBlockSizes(block_d=best["block_d"], num_warps=best["num_warps"])
+            tuned = SelectiveScanBlockSizes(gpu_block_d=best["block_d"], num_warps=best["num_warps"])
             notes.append(f"pallas block sizes picked by the sweep at {shape}: {tuned}")
 
     rows = []

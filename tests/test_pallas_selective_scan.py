@@ -224,9 +224,10 @@ def test_errors_name_the_argument():
     arrays = _split(args)
     with pytest.raises(ValueError, match="state_interval"):
         selective_scan_pallas(*arrays[:8], True, arrays[8], state_interval=12)
-    with pytest.raises(ValueError, match="block_d"):
-        selective_scan_pallas(*arrays[:8], True, arrays[8], platform="tpu",
-                              block_sizes=SelectiveScanBlockSizes(block_d=100), interpret=True)
+    with pytest.raises(ValueError, match="tpu_block_d"):
+        SelectiveScanBlockSizes(tpu_block_d=100)
+    with pytest.raises(ValueError, match="gpu_block_d"):
+        SelectiveScanBlockSizes(gpu_block_d=48)
     with pytest.raises(ValueError, match="platform"):
         selective_scan_pallas(*arrays[:8], True, arrays[8], platform="metal")
     with pytest.raises(ValueError, match="block_l"):

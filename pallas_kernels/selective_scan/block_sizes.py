@@ -23,44 +23,55 @@ def _next_pow2(x: int) -> int:
 class SelectiveScanBlockSizes:
     """Tiling of the selective scan.
 
+    The TPU and GPU tiles are separate fields because one jitted function
+    carries both kernels (``jax.lax.platform_dependent``): each is validated
+    here, for its own platform, whatever platform the call lowers for.
+
     Attributes:
       block_l: time steps per grid step (TPU) / per chunk (GPU). The forward pass
         saves the state at every chunk boundary, so the residual memory of the
         backward pass is ``b * (l / block_l) * d * n`` float32 values, and the
         backward recomputes ``block_l`` states on chip per chunk.
-      block_d: channels per tile, or None for the platform default for the
-        shape. TPU: a multiple of 128 (tiles are (block_d / 128, 128) vregs;
-        a multiple of 1024 fills whole (8, 128) f32 vregs). GPU: a power of two.
-        Channel tiles never straddle a group: each group's channels are padded
-        to a multiple of ``block_d``.
+      tpu_block_d: channels per TPU tile, a multiple of 128 (tiles are
+        (tpu_block_d / 128, 128) vregs; a multiple of 1024 fills whole (8, 128)
+        float32 vregs), or None: ``min(1024, channels per group rounded up to 128)``.
+      gpu_block_d: channels per GPU program, a power of two, or None:
+        ``min(32, max(16, next power of two of the channels per group))``.
       num_warps: warps per program of the GPU kernel (a power of two).
+
+    Channel tiles never straddle a group: each group's channels are padded to a
+    multiple of the tile.
     """
 
     block_l: int = 64
-    block_d: int | None = None
+    tpu_block_d: int | None = None
+    gpu_block_d: int | None = None
     num_warps: int = 2
-
 
     def __post_init__(self):
         if not isinstance(self.block_l, int) or self.block_l < 1:
             raise ValueError(f"block_l={self.block_l!r} must be a positive int")
-        if self.block_d is not None and (not isinstance(self.block_d, int) or self.block_d < 1):
-            raise ValueError(f"block_d={self.block_d!r} must be a positive int or None")
-        if not isinstance(self.num_warps, int) or self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+        if self.tpu_block_d is not None and (
+            not isinstance(self.tpu_block_d, int) or self.tpu_block_d < 128 or self.tpu_block_d % 128
+        ):
+            raise ValueError(f"tpu_block_d={self.tpu_block_d!r} must be a positive multiple of 128 or None")
+        if self.gpu_block_d is not None and not _is_pow2(self.gpu_block_d):
+            raise ValueError(f"gpu_block_d={self.gpu_block_d!r} must be a power of two or None")
+        if not _is_pow2(self.num_warps):
             raise ValueError(f"num_warps={self.num_warps!r} must be a power of two")
 
-    def tpu_block_d(self, channels_per_group: int) -> int:
+    def tpu_tile(self, channels_per_group: int) -> int:
         """The TPU channel tile for groups of ``channels_per_group`` channels."""
-        if self.block_d is None:
+        if self.tpu_block_d is None:
             return min(1024, _round_up(channels_per_group, 128))
-        if self.block_d % 128:
-            raise ValueError(f"block_d={self.block_d} must be a multiple of 128 for the TPU kernel")
-        return self.block_d
+        return self.tpu_block_d
 
-    def gpu_block_d(self, channels_per_group: int) -> int:
-        """The GPU channel tile (a power of two) for groups of ``channels_per_group`` channels."""
-        if self.block_d is None:
+    def gpu_tile(self, channels_per_group: int) -> int:
+        """The GPU channel tile for groups of ``channels_per_group`` channels."""
+        if self.gpu_block_d is None:
             return min(32, max(16, _next_pow2(channels_per_group)))
-        if self.block_d & (self.block_d - 1):
-            raise ValueError(f"block_d={self.block_d} must be a power of two for the GPU kernel")
-        return self.block_d
+        return self.gpu_block_d
+
+
+def _is_pow2(x) -> bool:
+    return isinstance(x, int) and x >= 1 and not x & (x - 1)

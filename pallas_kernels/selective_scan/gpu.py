@@ -233,16 +233,30 @@ def _dt_of(cfg, t, raw, bias):
     return dt, raw
 
 
+# Rows of u, delta, B, C, z (dy) are loaded this many steps ahead of their use,
+# through a ring of loop carries, so that several loads are in flight while the
+# recurrence runs: one step of arithmetic is far shorter than a DRAM round trip.
+PREFETCH_ROWS = 8
+PREFETCH_STATES = 4  # the backward's recomputed states (L1/L2-resident)
+
+
 def _row_loader(refs, length):
-    """Loads row t (clamped to the sequence) of each ref: issued one step ahead
-    of its use (carried through the loop), so the load latency overlaps the
-    previous step's arithmetic instead of sitting on the recurrence's path."""
+    """Loads row t (clamped to [0, length)) of each ref."""
 
     def load(t):
         t = jnp.minimum(jnp.maximum(t, 0), length - 1)
         return tuple(r[t, :] for r in refs)
 
     return load
+
+
+def _ring_init(load, t0, step, depth):
+    return tuple(load(t0 + step * k) for k in range(depth))
+
+
+def _ring_next(load, ring, t, step):
+    """The rows of step t (the ring's head) and the ring advanced by one step."""
+    return ring[0], ring[1:] + (load(t + step * len(ring)),)
 
 
 def _forward_kernel(*refs, cfg, has, num_chunks):
@@ -266,9 +280,9 @@ def _forward_kernel(*refs, cfg, has, num_chunks):
         st_ref[c, :, :] = h
 
         def step(s, carry):
-            h, rows = carry
+            h, ring = carry
             t = c * T + s
-            nxt = load(t + 1)
+            rows, ring = _ring_next(load, ring, t, 1)
             u, raw, Bt, Ct = (x.astype(_F32) for x in rows[:4])
             dt, _ = _dt_of(cfg, t, raw, bias)
             h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
@@ -279,11 +293,11 @@ def _forward_kernel(*refs, cfg, has, num_chunks):
                 zt = rows[4].astype(_F32)
                 y = y * (zt * _sigmoid(zt))
             y_ref[t, :] = y.astype(y_ref.dtype)
-            return h, nxt
+            return h, ring
 
         return lax.fori_loop(0, T, step, carry)
 
-    h, _ = lax.fori_loop(0, num_chunks, chunk, (h, load(0)))
+    h, _ = lax.fori_loop(0, num_chunks, chunk, (h, _ring_init(load, 0, 1, PREFETCH_ROWS)))
     hT_ref[...] = h
 
 
@@ -315,25 +329,25 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
 
         # 1. Recompute the chunk's states from its boundary state.
         def fwd_step(s, carry):
-            h, rows = carry
+            h, ring = carry
             t = c * T + s
-            nxt = load_fwd(t + 1)
+            rows, ring = _ring_next(load_fwd, ring, t, 1)
             u, raw, Bt = (x.astype(_F32) for x in rows)
             dt, _ = _dt_of(cfg, t, raw, bias)
             h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
             hbuf_ref[s, :, :] = h
-            return h, nxt
+            return h, ring
 
-        lax.fori_loop(0, T, fwd_step, (h_start, load_fwd(c * T)))
+        lax.fori_loop(0, T, fwd_step, (h_start, _ring_init(load_fwd, c * T, 1, PREFETCH_ROWS)))
 
         # 2. Adjoint recurrence in reverse time. h_t comes from the previous
-        # (later) step's h_{t-1}; h_{t-1} is loaded one step ahead.
+        # (later) step's h_{t-1}; the h_{t-1} are loaded ahead through a ring.
         def bwd_step(q, carry):
-            dh, dA_acc, dD_acc, h, h_prev_row, rows = carry
+            dh, dA_acc, dD_acc, h, h_ring, ring = carry
             s = T - 1 - q
             t = c * T + s
-            nxt = load_bwd(t - 1)
-            nxt_prev = load_h(s - 2)
+            rows, ring = _ring_next(load_bwd, ring, t, -1)
+            h_prev_row, h_ring = _ring_next(load_h, h_ring, s - 1, -1)
             h_prev = jnp.where(s > 0, h_prev_row[0], h_start)
             u, raw, Bt, Ct, dy = (x.astype(_F32) for x in rows[:5])
             dt, raw = _dt_of(cfg, t, raw, bias)
@@ -366,9 +380,16 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
                 ddt = ddt * _sigmoid(raw)
             du_ref[t, :] = du.astype(du_ref.dtype)
             ddt_ref[t, :] = ddt.astype(ddt_ref.dtype)
-            return dh * decay, dA_acc, dD_acc, h_prev, nxt_prev, nxt
+            return dh * decay, dA_acc, dD_acc, h_prev, h_ring, ring
 
-        init = (dh, dA_acc, dD_acc, hbuf_ref[T - 1, :, :], load_h(T - 2), load_bwd(c * T + T - 1))
+        init = (
+            dh,
+            dA_acc,
+            dD_acc,
+            hbuf_ref[T - 1, :, :],
+            _ring_init(load_h, T - 2, -1, PREFETCH_STATES),
+            _ring_init(load_bwd, c * T + T - 1, -1, PREFETCH_ROWS),
+        )
         dh, dA_acc, dD_acc, *_ = lax.fori_loop(0, T, bwd_step, init)
         if has_dst:
             dh = dh + dst_ref[c, :, :]

@@ -118,10 +118,10 @@ def _run(platform, interpret, u, delta, A, B, C, D, z, bias, h0, *, bs, softplus
     p = d // g
     T = bs.block_l
     if platform == "tpu":
-        W = bs.tpu_block_d(p)
+        W = bs.tpu_tile(p)
         N = n
     else:
-        W = bs.gpu_block_d(p)
+        W = bs.gpu_tile(p)
         N = _next_pow2(n)  # Triton tensors have power-of-two sizes
     P, L = _round_up(p, W), _round_up(l, T)
 
