@@ -4,6 +4,7 @@ from mamba_jax import ops
 from mamba_jax.cache import MambaCache, MambaLayerCache
 from mamba_jax.config import MambaConfig
 from mamba_jax.generate import generate
+from mamba_jax.interop import from_pretrained, save_pretrained
 from mamba_jax.model import MambaLM
 
-__all__ = ["ops", "MambaConfig", "MambaLM", "MambaCache", "MambaLayerCache", "generate"]
+__all__ = ["ops", "MambaConfig", "MambaLM", "MambaCache", "MambaLayerCache", "generate", "from_pretrained", "save_pretrained"]

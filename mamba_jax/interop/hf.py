@@ -537,6 +537,7 @@ def from_pretrained(
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
+    detect_layout(_read_json(path / "config.json"))  # config errors before reading the weights
     state_dict = load_state_dict(path)
     embed = [state_dict[k] for k in _EMBED_KEYS if k in state_dict]
     rows = embed[0].shape[0] if embed else None

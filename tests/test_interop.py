@@ -1,0 +1,368 @@
+"""Checkpoint import/export vs the reference implementation (transformers' MambaForCausalLM) on CPU.
+
+Random transformers models are saved in the Hugging Face layout (safetensors,
+sharded safetensors, pytorch_model.bin) and in the mamba_ssm layout (renamed
+state dict + its own config.json), loaded with ``mj.from_pretrained`` and
+compared logit by logit; ``mj.save_pretrained`` output is loaded back by
+transformers. torch and transformers are test dependencies: this module fails
+(it does not skip) when they are missing.
+"""
+
+import json
+import sys
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import rel_err
+
+import mamba_jax as mj
+from mamba_jax.interop import safetensors_io
+
+PARITY_TOL = 1e-4  # float32 logits, relative error (issue 5)
+transformers.logging.set_verbosity_error()
+
+
+def _hf_model(seed=0, **kw) -> transformers.MambaForCausalLM:
+    """A random transformers Mamba with every parameter perturbed away from its structured init."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, state_size=8, conv_kernel=4, expand=2)
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(**{**cfg, **kw})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.2 * torch.randn_like(p) if "A_log" not in name else 0.1 * torch.rand_like(p))
+    return model
+
+
+def _ids(vocab, b=2, l=19, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, (b, l))
+
+
+def _ref_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def _our_logits(model, ids):
+    return np.asarray(model(jnp.asarray(ids, jnp.int32)))
+
+
+def _write_mamba_ssm(hf: transformers.MambaForCausalLM, path, *, vocab_size, pad_multiple, extra_config=None):
+    """The layout of mamba_ssm's MambaLMHeadModel.save_pretrained: its config.json + pytorch_model.bin."""
+    c = hf.config
+    path.mkdir(parents=True)
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+    torch.save(sd, path / "pytorch_model.bin")
+    config = {
+        "d_model": c.hidden_size,
+        "d_intermediate": 0,
+        "n_layer": c.num_hidden_layers,
+        "vocab_size": vocab_size,
+        "ssm_cfg": {"d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand, "dt_rank": c.time_step_rank,
+                    "conv_bias": c.use_conv_bias, "bias": c.use_bias, "layer": "Mamba1"},
+        "attn_layer_idx": [],
+        "attn_cfg": {},
+        "rms_norm": True,
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": pad_multiple,
+        "tie_embeddings": c.tie_word_embeddings,
+        **(extra_config or {}),
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+HF_CASES = {
+    "untied-noconvbias-v101": dict(tie_word_embeddings=False, use_conv_bias=False),
+    "tied-bias-k3-rank5": dict(tie_word_embeddings=True, use_bias=True, conv_kernel=3, time_step_rank=5, state_size=4),
+    "tied-wide-expand3": dict(hidden_size=48, num_hidden_layers=3, expand=3, vocab_size=64, layer_norm_epsilon=1e-6),
+}
+MEASURED: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_measured():
+    """Prints the parity errors measured in this module at its end (run with -s to see them)."""
+    yield
+    for k, v in sorted(MEASURED.items()):
+        print(f"PARITY {k}: {v:.3e}")
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_hf_safetensors_parity(case, tmp_path):
+    hf = _hf_model(**HF_CASES[case])
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    model = mj.from_pretrained(tmp_path)
+    v = hf.config.vocab_size
+    assert model.config.padded_vocab_size == v and model.config.tie_embeddings == hf.config.tie_word_embeddings
+    ids = _ids(v)
+    err = rel_err(_our_logits(model, ids), _ref_logits(hf, ids))
+    MEASURED[f"hf-safetensors-{case}"] = err
+    print(f"hf-safetensors {case}: rel err {err:.2e}")
+    assert err < PARITY_TOL
+
+
+def test_hf_sharded_safetensors_and_pytorch_bin(tmp_path):
+    hf = _hf_model(seed=1, tie_word_embeddings=False)
+    ids = _ids(101)
+    ref = _ref_logits(hf, ids)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    err = rel_err(_our_logits(mj.from_pretrained(tmp_path / "sharded"), ids), ref)
+    MEASURED["hf-sharded-safetensors"] = err
+    assert err < PARITY_TOL
+    # pytorch_model.bin (what older transformers wrote with safe_serialization=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    torch.save(hf.state_dict(), bin_dir / "pytorch_model.bin")
+    (bin_dir / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
+    err = rel_err(_our_logits(mj.from_pretrained(bin_dir), ids), ref)
+    MEASURED["hf-pytorch_model.bin"] = err
+    print(f"sharded / bin: {MEASURED['hf-sharded-safetensors']:.2e} {err:.2e}")
+    assert err < PARITY_TOL
+
+
+def test_tied_pytorch_bin_carries_lm_head(tmp_path):
+    """torch state dicts of tied models also hold lm_head.weight; it must equal the embedding."""
+    hf = _hf_model(seed=2, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path / "st")
+    sd = hf.state_dict()
+    assert "lm_head.weight" in sd
+    (tmp_path / "bin").mkdir()
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    ids = _ids(101)
+    assert rel_err(_our_logits(mj.from_pretrained(tmp_path / "bin"), ids), _ref_logits(hf, ids)) < PARITY_TOL
+    sd = {k: v.clone() for k, v in sd.items()}
+    sd["lm_head.weight"] += 1.0
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="lm_head.weight differs"):
+        mj.from_pretrained(tmp_path / "bin")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_mamba_ssm_layout_parity(tied, tmp_path):
+    """vocab_size 100 padded to a multiple of 8: the state dict has 104 rows, as mamba_ssm writes."""
+    hf = _hf_model(seed=3, vocab_size=104, tie_word_embeddings=tied, use_conv_bias=not tied)
+    path = _write_mamba_ssm(hf, tmp_path / "ssm", vocab_size=100, pad_multiple=8)
+    model = mj.from_pretrained(path)
+    assert model.config.vocab_size == 100 and model.config.padded_vocab_size == 104
+    ids = _ids(100)
+    err = rel_err(_our_logits(model, ids), _ref_logits(hf, ids))
+    MEASURED[f"mamba_ssm-{'tied' if tied else 'untied'}"] = err
+    print(f"mamba_ssm tied={tied}: rel err {err:.2e}")
+    assert err < PARITY_TOL
+
+
+def test_vocab_padding_both_ways(tmp_path):
+    hf = _hf_model(seed=4, vocab_size=101, tie_word_embeddings=False)
+    hf.save_pretrained(tmp_path / "hf")
+    ids = _ids(101)
+    ref = _ref_logits(hf, ids)
+    # Pad up to a multiple of 16: zero rows/columns appended, real logits unchanged.
+    padded = mj.from_pretrained(tmp_path / "hf", pad_vocab_size_multiple=16)
+    assert padded.config.vocab_size == 101 and padded.config.padded_vocab_size == 112
+    out = _our_logits(padded, ids)
+    assert rel_err(out[..., :101], ref) < PARITY_TOL
+    np.testing.assert_array_equal(out[..., 101:], 0.0)
+    # Saved padded (default): transformers sees 112 rows; unpadded: 101 rows again.
+    mj.save_pretrained(padded, tmp_path / "out_padded")
+    assert json.loads((tmp_path / "out_padded" / "config.json").read_text())["vocab_size"] == 112
+    mj.save_pretrained(padded, tmp_path / "out_unpadded", unpad_vocab=True)
+    back = transformers.MambaForCausalLM.from_pretrained(tmp_path / "out_unpadded").eval()
+    assert back.config.vocab_size == 101
+    assert rel_err(_ref_logits(back, ids), ref) < PARITY_TOL
+    # An HF checkpoint whose rows are padded beyond the tokenizer: vocab_size= records the real size.
+    reloaded = mj.from_pretrained(tmp_path / "out_padded", vocab_size=101)
+    assert reloaded.config.vocab_size == 101 and reloaded.config.padded_vocab_size == 112
+    with pytest.raises(ValueError, match="exceeds"):
+        mj.from_pretrained(tmp_path / "hf", vocab_size=200)
+    with pytest.raises(ValueError, match="rows would be dropped"):
+        mj.from_pretrained(tmp_path / "out_padded", vocab_size=90, pad_vocab_size_multiple=2)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_pretrained_round_trip_through_transformers(tied, tmp_path):
+    hf = _hf_model(seed=5, tie_word_embeddings=tied, use_bias=not tied)
+    hf.save_pretrained(tmp_path / "src")
+    model = mj.from_pretrained(tmp_path / "src")
+    mj.save_pretrained(model, tmp_path / "dst")
+    back = transformers.MambaForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    for k, v in hf.state_dict().items():  # every tensor comes back bit for bit
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    ids = _ids(101)
+    ours = _our_logits(model, ids)
+    err = rel_err(_ref_logits(back, ids), ours)
+    MEASURED[f"round-trip-{'tied' if tied else 'untied'}"] = err
+    assert err < PARITY_TOL
+    # and our own loader reads what we wrote, identically
+    np.testing.assert_array_equal(_our_logits(mj.from_pretrained(tmp_path / "dst"), ids), ours)
+
+
+def test_save_pretrained_of_a_native_model(tmp_path):
+    """A model made here (random init, bf16 params) goes to transformers with the same logits."""
+    from flax import nnx
+
+    cfg = mj.MambaConfig.tiny(d_model=32, n_layer=2, vocab_size=50, tie_embeddings=False)
+    model = mj.MambaLM(cfg, param_dtype=jnp.bfloat16, dtype=jnp.float32, rngs=nnx.Rngs(7))
+    mj.save_pretrained(model, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:  # the reference reader agrees
+        assert f.get_tensor("backbone.norm_f.weight").dtype == torch.bfloat16
+        assert f.get_tensor("backbone.embeddings.weight").shape == (56, 32)
+    back = transformers.MambaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = _ids(50)
+    assert rel_err(_ref_logits(back, ids), _our_logits(model, ids)) < PARITY_TOL
+
+
+def test_bfloat16_safetensors_read_without_torch(tmp_path):
+    hf = _hf_model(seed=6).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    tensors = safetensors_io.load_file(tmp_path / "model.safetensors")
+    w = tensors["backbone.layers.0.mixer.in_proj.weight"]
+    assert w.dtype == ml_dtypes.bfloat16
+    ref = hf.state_dict()["backbone.layers.0.mixer.in_proj.weight"].float().numpy()
+    np.testing.assert_array_equal(w.astype(np.float32), ref)
+    model = mj.from_pretrained(tmp_path, param_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(model.layers[0].mixer.in_proj.kernel[...]).astype(np.float32), ref.T
+    )
+
+
+def test_missing_torch_names_the_extra(tmp_path, monkeypatch):
+    hf = _hf_model(seed=7)
+    hf.save_pretrained(tmp_path / "st")
+    (tmp_path / "bin").mkdir()
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(ImportError, match=r"mamba-jax\[torch\]"):
+        mj.from_pretrained(tmp_path / "bin")
+    mj.from_pretrained(tmp_path / "st")  # safetensors need no torch
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    _hf_model(seed=8, tie_word_embeddings=False).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def _edit_tensors(path, fn):
+    tensors = {k: np.array(v) for k, v in safetensors_io.load_file(path / "model.safetensors").items()}
+    fn(tensors)
+    safetensors_io.save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_config(path, fn):
+    config = json.loads((path / "config.json").read_text())
+    fn(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_error_unknown_key(hf_dir):
+    _edit_tensors(hf_dir, lambda t: t.__setitem__("backbone.layers.0.mixer.foo", np.zeros(3, np.float32)))
+    with pytest.raises(ValueError, match=r"unknown checkpoint key 'backbone.layers.0.mixer.foo'"):
+        mj.from_pretrained(hf_dir)
+
+
+def test_error_missing_key(hf_dir):
+    _edit_tensors(hf_dir, lambda t: t.pop("backbone.layers.1.mixer.x_proj.weight"))
+    with pytest.raises(ValueError, match=r"lacks .*backbone.layers.1.mixer.x_proj.weight"):
+        mj.from_pretrained(hf_dir)
+
+
+def test_error_extra_layer(hf_dir):
+    _edit_config(hf_dir, lambda c: c.update(num_hidden_layers=1))
+    with pytest.raises(ValueError, match=r"does not use: .*backbone.layers.1."):
+        mj.from_pretrained(hf_dir)
+
+
+def test_error_shape_mismatch(hf_dir):
+    _edit_config(hf_dir, lambda c: c.update(state_size=4))
+    with pytest.raises(ValueError, match=r"backbone.layers.0.mixer.A_log.*shape \(64, 8\).*\(64, 4\)"):
+        mj.from_pretrained(hf_dir)
+
+
+def test_error_vocab_rows_disagree(hf_dir):
+    _edit_config(hf_dir, lambda c: c.update(vocab_size=100))
+    with pytest.raises(ValueError, match=r"vocab_size=100 but the embedding has 101 rows"):
+        mj.from_pretrained(hf_dir)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"model_type": "mamba2"}, r"model_type='mamba2' is not supported"),
+        ({"model_type": "falcon_mamba"}, r"model_type='falcon_mamba'"),
+        ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
+        ({"intermediate_size": 10}, r"intermediate_size=10"),
+        ({"rms_norm": False}, r"rms_norm=False"),
+    ],
+)
+def test_error_unsupported_hf_config(hf_dir, change, match):
+    _edit_config(hf_dir, lambda c: c.update(change))
+    with pytest.raises(ValueError, match=match):
+        mj.from_pretrained(hf_dir)
+
+
+def test_unknown_hf_config_key_warns(hf_dir):
+    _edit_config(hf_dir, lambda c: c.update(my_custom_flag=3))
+    with pytest.warns(UserWarning, match="my_custom_flag"):
+        mj.from_pretrained(hf_dir)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"rms_norm": False}, r"rms_norm=False.*LayerNorm"),
+        ({"ssm_cfg": {"layer": "Mamba2"}}, r"ssm_cfg.layer='Mamba2'"),
+        ({"d_intermediate": 128}, r"d_intermediate=128"),
+        ({"attn_layer_idx": [1]}, r"attn_layer_idx=\[1\]"),
+        ({"norm_eps": 1e-6}, r"unknown mamba_ssm config key 'norm_eps'"),
+        ({"vocab_size": 90}, r"vocab_size=90 padded to a multiple of 8 is 96, but the embedding has 104 rows"),
+    ],
+)
+def test_error_unsupported_mamba_ssm_config(tmp_path, change, match):
+    hf = _hf_model(seed=9, vocab_size=104)
+    path = _write_mamba_ssm(hf, tmp_path / "ssm", vocab_size=100, pad_multiple=8)
+    if "ssm_cfg" in change:
+        _edit_config(path, lambda c: c["ssm_cfg"].update(change["ssm_cfg"]))
+    else:
+        _edit_config(path, lambda c: c.update(change))
+    with pytest.raises(ValueError, match=match):
+        mj.from_pretrained(path)
+
+
+def test_error_no_weights_and_bad_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 8}))
+    with pytest.raises(FileNotFoundError, match="has no weights"):
+        mj.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden": 8}))
+    with pytest.raises(ValueError, match="neither 'model_type'"):
+        mj.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        mj.from_pretrained(tmp_path / "nope")
+
+
+def test_truncated_safetensors_is_reported(hf_dir):
+    f = hf_dir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="truncated"):
+        mj.from_pretrained(hf_dir)
+
+
+def test_lti_model_cannot_be_exported(tmp_path):
+    from flax import nnx
+
+    model = mj.MambaLM(mj.MambaConfig.tiny(d_model=16, n_layer=1, selective=False), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="selective=False"):
+        mj.save_pretrained(model, tmp_path)
+
+
