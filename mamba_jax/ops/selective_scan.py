@@ -228,7 +228,7 @@ def _xla_selective_scan(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, d
     """Pre/post-processing shared by the XLA implementations (autodiff handles it).
 
     Jitted so that eager calls compile once; inside an outer jit it is inlined.
-    The core (``_reference_core`` or ``_CORES[impl]`` with a chunk size) works on float32 arrays in the grouped layout:
+    The core (``_reference_core``, or ``_padded`` for sequential/chunked) works on float32 arrays in the grouped layout:
     u, dt (b, l, g, p); A (g, p, n); B, C (b, l, g, n); h0 (b, g, p, n), where
     p = d // g; it returns y (b, l, g, p) and the final state (b, g, p, n).
     """
@@ -242,7 +242,7 @@ def _xla_selective_scan(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, d
     if delta_softplus:
         dt = jax.nn.softplus(dt)
     h0 = jnp.zeros((b, d, n), _F32) if initial_state is None else initial_state.astype(_F32)
-    core = functools.partial(_padded, _CORES[impl], chunk_size=chunk_size) if impl in _CORES else _reference_core
+    core = _reference_core if impl == "reference" else functools.partial(_padded, impl, chunk_size=chunk_size)
     y, hT = core(
         uf.reshape(b, l, g, p),
         dt.reshape(b, l, g, p),
@@ -266,194 +266,122 @@ def _combine(x, y):
     return a1 * a2, a2 * b1 + b2
 
 
-def _discretize(u, dt, A, B):
-    """exp(dt A) and dt B u on the grouped layout: both (b, t, g, p, n)."""
-    dA = jnp.exp(dt[..., None] * A)
-    dBu = (dt * u)[..., None] * B[:, :, :, None, :]
-    return dA, dBu
-
-
-def _parallel_states(h0, u, dt, A, B):
-    """All states of a span of time from its initial state, by associative scan.
-
-    Returns the states (b, t, g, p, n) and exp(dt A) of the span.
-    """
-    dA, dBu = _discretize(u, dt, A, B)
-    dBu = dBu.at[:, 0].add(dA[:, 0] * h0)
-    _, h = lax.associative_scan(_combine, (dA, dBu), axis=1)
-    return h, dA
-
-
-def _readout(h, C):
-    return jnp.einsum("btgpn,btgn->btgp", h, C)
-
-
 def _reference_core(u, dt, A, B, C, h0):
-    h, _ = _parallel_states(h0, u, dt, A, B)
-    return _readout(h, C), h[:, -1]
+    """All (b, l, d, n) states by one associative scan over time: the oracle."""
+    a = jnp.exp(dt[..., None] * A)
+    b = (dt * u)[..., None] * B[:, :, :, None, :]
+    b = b.at[:, 0].add(a[:, 0] * h0)
+    _, h = lax.associative_scan(_combine, (a, b), axis=1)
+    return jnp.einsum("blgpn,blgn->blgp", h, C), h[:, -1]
 
 
 # --------------------------------------------------------------------------
-# Sequential and chunked implementations with recomputing backward passes
+# Sequential and chunked: save chunk-boundary states, recompute in the backward
 # --------------------------------------------------------------------------
 #
 # Both save only the states at chunk boundaries (every T steps) in the forward
-# pass and recompute the states inside a chunk in the backward pass, so training
-# memory is O(b * l/T * d * n) plus one chunk. They differ inside a chunk:
-# "sequential" walks the steps one at a time (a (b, d, n) working set that
-# stays in cache: the fast choice on CPU), "chunked" runs associative scans
-# over the chunk (parallel in time: for accelerators).
+# pass and recompute the states of a chunk in the backward pass, so training
+# memory is O(b * l/T * d * n) plus one chunk. They share the backward below and
+# differ only in how a chunk's linear recurrences are run: "sequential" walks
+# the steps one at a time (small working set; the fast choice on CPU),
+# "chunked" runs associative scans over the chunk (parallel in time).
+# Inside the core, arrays are time-major per chunk: (l/T, T, b, g, p[, n]).
 
 
-def _padded(core, u, dt, A, B, C, h0, *, chunk_size):
-    """Pads time to a multiple of the chunk with identity steps (dt = 0) and runs ``core``."""
+def _recurrence_sequential(a, b, h0, reverse=False):
+    """h_t = a_t h_{t-1} + b_t over axis 0, from h0; returns every h_t."""
+
+    def step(h, x):
+        h = x[0] * h + x[1]
+        return h, h
+
+    return lax.scan(step, h0, (a, b), reverse=reverse)[1]
+
+
+def _recurrence_parallel(a, b, h0, reverse=False):
+    """The same recurrence by associative scan."""
+    edge = -1 if reverse else 0
+    b = b.at[edge].add(a[edge] * h0)
+    return lax.associative_scan(_combine, (a, b), axis=0, reverse=reverse)[1]
+
+
+_RECURRENCES = {"sequential": _recurrence_sequential, "chunked": _recurrence_parallel}
+
+
+def _padded(mode, u, dt, A, B, C, h0, *, chunk_size):
+    """Pads time to a multiple of the chunk with identity steps (dt = 0) and runs the core."""
     l = u.shape[1]
     T = min(chunk_size, l)
     pad = -l % T
     if pad:
         padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         u, dt, B, C = padt(u), padt(dt), padt(B), padt(C)
-    y, hT = core(u, dt, A, B, C, h0, T)
+    chunks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], -1, T, *x.shape[2:]), 0, 2)  # (l/T, T, b, ...)
+    y, hT = _chunked_core(*(chunks(x) for x in (u, dt)), A, *(chunks(x) for x in (B, C)), h0, mode)
+    y = jnp.moveaxis(y, 2, 0).reshape(u.shape)
     return y[:, :l], hT
 
 
-def _step(A, h, u_t, dt_t, B_t):
-    """One step of the recurrence on (b, g, p, n); returns the new state and exp(dt A)."""
-    a = jnp.exp(dt_t[..., None] * A)
-    return a * h + (dt_t * u_t)[..., None] * B_t[:, :, None, :], a
-
-
-def _to_time_major_chunks(x, T):
-    """(b, l, ...) -> (l/T, T, b, ...)."""
-    b, l = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, l // T, T, *x.shape[2:]), 0, 2)
-
-
-def _from_time_major_chunks(x):
-    """(l/T, T, b, ...) -> (b, l, ...)."""
-    nc, T, b = x.shape[:3]
-    return jnp.moveaxis(x, 2, 0).reshape(b, nc * T, *x.shape[3:])
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _sequential_core(u, dt, A, B, C, h0, T):
-    (y, hT), _ = _sequential_fwd(u, dt, A, B, C, h0, T)
+def _chunked_core(u, dt, A, B, C, h0, mode):
+    (y, hT), _ = _chunked_fwd(u, dt, A, B, C, h0, mode)
     return y, hT
 
 
-def _sequential_fwd(u, dt, A, B, C, h0, T):
-    def step(h, xs):
-        u_t, dt_t, B_t, C_t = xs
-        h, _ = _step(A, h, u_t, dt_t, B_t)
-        return h, jnp.einsum("bgpn,bgn->bgp", h, C_t)
+def _chunked_fwd(u, dt, A, B, C, h0, mode):
+    if mode == "sequential":  # one fused step at a time: the inference path on CPU
 
-    def chunk(h_in, xs):
-        h_out, ys = lax.scan(step, h_in, xs)
-        return h_out, (ys, h_in)
+        def step(h, xs):
+            u_t, dt_t, B_t, C_t = xs
+            h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * B_t[:, :, None, :]
+            return h, jnp.einsum("bgpn,bgn->bgp", h, C_t)
 
-    xs = tuple(_to_time_major_chunks(x, T) for x in (u, dt, B, C))
-    hT, (ys, starts) = lax.scan(chunk, h0, xs)
-    return (_from_time_major_chunks(ys), hT), (u, dt, A, B, C, starts)
+        chunk = lambda h_in, xs: lax.scan(step, h_in, xs)
+    else:
+
+        def chunk(h_in, xs):
+            u_c, dt_c, B_c, C_c = xs
+            a = jnp.exp(dt_c[..., None] * A)
+            h = _recurrence_parallel(a, (dt_c * u_c)[..., None] * B_c[:, :, :, None, :], h_in)
+            return h[-1], jnp.einsum("tbgpn,tbgn->tbgp", h, C_c)
+
+    def outer(h_in, xs):
+        h_out, y = chunk(h_in, xs)
+        return h_out, (y, h_in)
+
+    hT, (y, starts) = lax.scan(outer, h0, (u, dt, B, C))
+    return (y, hT), (u, dt, A, B, C, starts)
 
 
-def _sequential_bwd(T, res, cotangents):
+def _chunked_bwd(mode, res, cotangents):
     u, dt, A, B, C, starts = res
     dy, dhT = cotangents
-
-    def recompute(h, xs):  # emits the state before each step
-        h_next, _ = _step(A, h, *xs)
-        return h_next, h
-
-    def adjoint(carry, xs):  # one step of the reverse-time adjoint
-        dh, dA_acc = carry  # dh: gradient reaching h_t from later steps
-        u_t, dt_t, B_t, C_t, dy_t, h_prev = xs
-        h, a = _step(A, h_prev, u_t, dt_t, B_t)
-        G = dh + dy_t[..., None] * C_t[:, :, None, :]
-        Gha = G * h_prev * a  # gradient through the decay exp(dt A)
-        # Contractions as einsums: on CPU XLA these beat broadcast-multiply-and-sum
-        # by several times (measured).
-        GB = jnp.einsum("bgpn,bgn->bgp", G, B_t)
-        grads = (
-            GB * dt_t,  # du
-            jnp.einsum("bgpn,gpn->bgp", Gha, A) + GB * u_t,  # ddt
-            jnp.einsum("bgpn,bgp->bgn", G, dt_t * u_t),  # dB
-            jnp.einsum("bgp,bgpn->bgn", dy_t, h),  # dC
-        )
-        return (a * G, dA_acc + jnp.einsum("bgpn,bgp->gpn", Gha, dt_t)), grads
-
-    def chunk(carry, xs):
-        u_c, dt_c, B_c, C_c, dy_c, h_in = xs
-        _, h_prev = lax.scan(recompute, h_in, (u_c, dt_c, B_c))
-        return lax.scan(adjoint, carry, (u_c, dt_c, B_c, C_c, dy_c, h_prev), reverse=True)
-
-    xs = tuple(_to_time_major_chunks(x, T) for x in (u, dt, B, C, dy)) + (starts,)
-    (dh0, dA), grads = lax.scan(chunk, (dhT, jnp.zeros_like(A)), xs, reverse=True)
-    du, ddt, dB, dC = (_from_time_major_chunks(g) for g in grads)
-    return du, ddt, dA, dB, dC, dh0
-
-
-_sequential_core.defvjp(_sequential_fwd, _sequential_bwd)
-
-
-def _to_chunks(x, T):
-    """(b, l, ...) -> (l/T, b, T, ...), chunk axis first for lax.scan."""
-    b, l = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, l // T, T, *x.shape[2:]), 1, 0)
-
-
-def _from_chunks(x):
-    """(l/T, b, T, ...) -> (b, l, ...)."""
-    nc, b, T = x.shape[:3]
-    return jnp.moveaxis(x, 0, 1).reshape(b, nc * T, *x.shape[3:])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _chunked_core(u, dt, A, B, C, h0, T):
-    (y, hT), _ = _chunked_fwd(u, dt, A, B, C, h0, T)
-    return y, hT
-
-
-def _chunked_fwd(u, dt, A, B, C, h0, T):
-    def chunk(h_in, xs):
-        u_c, dt_c, B_c, C_c = xs
-        h, _ = _parallel_states(h_in, u_c, dt_c, A, B_c)
-        return h[:, -1], (_readout(h, C_c), h_in)
-
-    xs = tuple(_to_chunks(x, T) for x in (u, dt, B, C))
-    hT, (ys, starts) = lax.scan(chunk, h0, xs)
-    return (_from_chunks(ys), hT), (u, dt, A, B, C, starts)
-
-
-def _chunked_bwd(T, res, cotangents):
-    u, dt, A, B, C, starts = res
-    dy, dhT = cotangents
+    recurrence = _RECURRENCES[mode]
 
     def chunk(carry, xs):
         dh_out, dA_acc = carry  # dh_out: gradient reaching the chunk's last state from later steps
         u_c, dt_c, B_c, C_c, dy_c, h_in = xs
-        h, dA = _parallel_states(h_in, u_c, dt_c, A, B_c)  # recompute, never store
-        # Adjoint, in reverse time: G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1}.
-        c = dy_c[..., None] * C_c[:, :, :, None, :]
-        c = c.at[:, -1].add(dh_out)
-        a_next = jnp.concatenate([dA[:, 1:], jnp.ones_like(dA[:, :1])], axis=1)
-        _, G = lax.associative_scan(_combine, (a_next, c), axis=1, reverse=True)
-        h_prev = jnp.concatenate([h_in[:, None], h[:, :-1]], axis=1)
-        dC_c = jnp.einsum("btgp,btgpn->btgn", dy_c, h)
-        GhdA = G * h_prev * dA  # gradient through the decay exp(dt A)
-        GB = jnp.einsum("btgpn,btgn->btgp", G, B_c)
-        ddt_c = jnp.einsum("btgpn,gpn->btgp", GhdA, A) + GB * u_c
-        du_c = GB * dt_c
-        dB_c = jnp.einsum("btgpn,btgp->btgn", G, dt_c * u_c)
-        dA_acc = dA_acc + jnp.einsum("btgpn,btgp->gpn", GhdA, dt_c)
-        dh_in = dA[:, 0] * G[:, 0]
-        return (dh_in, dA_acc), (du_c, ddt_c, dB_c, dC_c)
+        a = jnp.exp(dt_c[..., None] * A)  # (T, b, g, p, n)
+        h = recurrence(a, (dt_c * u_c)[..., None] * B_c[:, :, :, None, :], h_in)  # recomputed, never stored
+        # Adjoint in reverse time: G_t = exp(dt_{t+1} A) G_{t+1} + C_t dy_t, G_{T-1} += dh_out.
+        a_next = jnp.concatenate([a[1:], jnp.ones_like(a[:1])], axis=0)
+        G = recurrence(a_next, dy_c[..., None] * C_c[:, :, :, None, :], dh_out, reverse=True)
+        h_prev = jnp.concatenate([h_in[None], h[:-1]], axis=0)
+        Gha = G * h_prev * a  # gradient through the decay exp(dt A)
+        GB = jnp.einsum("tbgpn,tbgn->tbgp", G, B_c)
+        du = GB * dt_c
+        ddt = jnp.einsum("tbgpn,gpn->tbgp", Gha, A) + GB * u_c
+        dB = jnp.einsum("tbgpn,tbgp->tbgn", G, dt_c * u_c)
+        dC = jnp.einsum("tbgp,tbgpn->tbgn", dy_c, h)
+        # (einsum for the contractions over n or p, a plain sum over (t, b): the
+        # faster form of each on XLA:CPU, measured.)
+        dA_acc = dA_acc + jnp.sum(Gha * dt_c[..., None], axis=(0, 1))
+        return (a[0] * G[0], dA_acc), (du, ddt, dB, dC)
 
-    xs = tuple(_to_chunks(x, T) for x in (u, dt, B, C, dy)) + (starts,)
-    (dh0, dA), grads = lax.scan(chunk, (dhT, jnp.zeros_like(A)), xs, reverse=True)
-    du, ddt, dB, dC = (_from_chunks(x) for x in grads)
+    (dh0, dA), (du, ddt, dB, dC) = lax.scan(
+        chunk, (dhT, jnp.zeros_like(A)), (u, dt, B, C, dy, starts), reverse=True
+    )
     return du, ddt, dA, dB, dC, dh0
 
 
 _chunked_core.defvjp(_chunked_fwd, _chunked_bwd)
-
-_CORES = {"sequential": _sequential_core, "chunked": _chunked_core}
