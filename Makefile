@@ -2,26 +2,30 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-all bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,experiments]"
-	touch $(STAMP)
 
-demo: $(STAMP)
+# One stamp per set of extras; re-installs when pyproject.toml changes.
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[$(subst +,$(comma),$*)]"
+	touch $@
+
+comma := ,
+
+demo: $(VENV)/.installed-experiments
 	$(BIN)/python experiments/00_demo_selective_copying.py
 
-test: $(STAMP)
+test: $(VENV)/.installed-test+experiments
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(VENV)/.installed-test+experiments
 	$(BIN)/python -m pytest -q -n 2
 
-bench: $(STAMP)
+bench: $(VENV)/.installed-bench+experiments
 	$(BIN)/python experiments/bench_scan.py
 	$(BIN)/python experiments/bench_forward.py
 
