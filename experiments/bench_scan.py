@@ -41,7 +41,7 @@ GPU_SHAPES = [(1, l, 2048) for l in (512, 2048, 8192, 32768, 131072, 262144)] + 
 ]
 GPU_IMPLS = ["reference", "sequential", "chunked", "pallas"]
 GPU_TUNE_SHAPE = (1, 32768, 2048)
-GPU_TUNE = [(w, nw) for w in (16, 32, 64) for nw in (1, 2, 4)]  # (block_d, num_warps)
+GPU_TUNE = [(16, 4), (32, 4), (32, 2), (64, 4)]  # (gpu_block_d, num_warps)
 TIME_BUDGET_S = 0.3  # per measurement, after warm-up
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

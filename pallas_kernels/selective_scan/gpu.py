@@ -20,7 +20,8 @@ Layout (all padded by :mod:`pallas_kernels.selective_scan.ops`):
   h0:              (b, Dp, N)    float32
 Grid ``(b, Dp / block_d)``: one program per (sequence, channel tile) walks the
 whole sequence with the float32 state (block_d, N) in registers and writes the
-state at every chunk boundary (``block_l`` steps) for the backward pass.
+state at every chunk boundary (``block_l`` steps) for the backward pass. Steps
+are unrolled in groups of ``UNROLL`` whose row loads are issued together.
 
 The backward grid is the same; each program walks the chunks in reverse,
 recomputes the chunk's states from its saved boundary state into a
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -233,30 +235,17 @@ def _dt_of(cfg, t, raw, bias):
     return dt, raw
 
 
-# Rows of u, delta, B, C, z (dy) are loaded this many steps ahead of their use,
-# through a ring of loop carries, so that several loads are in flight while the
-# recurrence runs: one step of arithmetic is far shorter than a DRAM round trip.
-PREFETCH_ROWS = 8
-PREFETCH_STATES = 4  # the backward's recomputed states (L1/L2-resident)
+# Steps are unrolled in groups of UNROLL inside each chunk: the group's row
+# loads are all issued before its first step, so one memory round trip is
+# paid per group instead of one per step (one step of arithmetic is far
+# shorter than a DRAM round trip, and a loop-carried prefetch would wait for
+# its loads at every iteration).
+UNROLL = 8
+UNROLL_INTERPRET = 2  # interpret mode (CPU tests): same code paths, smaller programs to compile
 
 
-def _row_loader(refs, length):
-    """Loads row t (clamped to [0, length)) of each ref."""
-
-    def load(t):
-        t = jnp.minimum(jnp.maximum(t, 0), length - 1)
-        return tuple(r[t, :] for r in refs)
-
-    return load
-
-
-def _ring_init(load, t0, step, depth):
-    return tuple(load(t0 + step * k) for k in range(depth))
-
-
-def _ring_next(load, ring, t, step):
-    """The rows of step t (the ring's head) and the ring advanced by one step."""
-    return ring[0], ring[1:] + (load(t + step * len(ring)),)
+def _unroll(cfg) -> int:
+    return math.gcd(cfg.block_l, UNROLL_INTERPRET if cfg.interpret else UNROLL)
 
 
 def _forward_kernel(*refs, cfg, has, num_chunks):
@@ -268,36 +257,37 @@ def _forward_kernel(*refs, cfg, has, num_chunks):
     h0_ref = rest.pop(0) if has_h0 else None
     y_ref, st_ref, hT_ref = rest
     T = cfg.block_l
+    G = _unroll(cfg)
 
     A = A_ref[...].astype(_F32)
     Dv = D_ref[...].astype(_F32) if has_D else None
     bias = bias_ref[...].astype(_F32) if has_bias else None
     h = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros(A.shape, _F32)
-    load = _row_loader([u_ref, dt_ref, B_ref, C_ref] + ([z_ref] if has_z else []), num_chunks * T)
+    row_refs = [u_ref, dt_ref, B_ref, C_ref] + ([z_ref] if has_z else [])
 
-    def chunk(c, carry):
-        h, _ = carry
+    def chunk(c, h):
         st_ref[c, :, :] = h
 
-        def step(s, carry):
-            h, ring = carry
-            t = c * T + s
-            rows, ring = _ring_next(load, ring, t, 1)
-            u, raw, Bt, Ct = (x.astype(_F32) for x in rows[:4])
-            dt, _ = _dt_of(cfg, t, raw, bias)
-            h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-            y = jnp.sum(h * Ct[None, :], axis=1)
-            if has_D:
-                y = y + Dv * u
-            if has_z:
-                zt = rows[4].astype(_F32)
-                y = y * (zt * _sigmoid(zt))
-            y_ref[t, :] = y.astype(y_ref.dtype)
-            return h, ring
+        def group(q, h):
+            t0 = c * T + q * G
+            rows = [[r[t0 + k, :] for r in row_refs] for k in range(G)]  # loads first
+            for k in range(G):
+                t = t0 + k
+                u, raw, Bt, Ct = (x.astype(_F32) for x in rows[k][:4])
+                dt, _ = _dt_of(cfg, t, raw, bias)
+                h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                y = jnp.sum(h * Ct[None, :], axis=1)
+                if has_D:
+                    y = y + Dv * u
+                if has_z:
+                    zt = rows[k][4].astype(_F32)
+                    y = y * (zt * _sigmoid(zt))
+                y_ref[t, :] = y.astype(y_ref.dtype)
+            return h
 
-        return lax.fori_loop(0, T, step, carry)
+        return lax.fori_loop(0, T // G, group, h)
 
-    h, _ = lax.fori_loop(0, num_chunks, chunk, (h, _ring_init(load, 0, 1, PREFETCH_ROWS)))
+    h = lax.fori_loop(0, num_chunks, chunk, h)
     hT_ref[...] = h
 
 
@@ -312,15 +302,14 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
     dz_ref = rest.pop(0) if has_z else None
     dD_ref = rest.pop(0) if has_D else None
     T = cfg.block_l
-    L = num_chunks * T
+    G = _unroll(cfg)
 
     A = A_ref[...].astype(_F32)
     Dv = D_ref[...].astype(_F32) if has_D else None
     bias = bias_ref[...].astype(_F32) if has_bias else None
     W = A.shape[0]
-    load_fwd = _row_loader([u_ref, dt_ref, B_ref], L)
-    load_bwd = _row_loader([u_ref, dt_ref, B_ref, C_ref, dy_ref] + ([z_ref] if has_z else []), L)
-    load_h = _row_loader([hbuf_ref], T)
+    fwd_refs = [u_ref, dt_ref, B_ref]
+    bwd_refs = [u_ref, dt_ref, B_ref, C_ref, dy_ref] + ([z_ref] if has_z else [])
 
     def chunk(r, carry):
         dh, dA_acc, dD_acc = carry
@@ -328,69 +317,66 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
         h_start = st_ref[c, :, :]
 
         # 1. Recompute the chunk's states from its boundary state.
-        def fwd_step(s, carry):
-            h, ring = carry
-            t = c * T + s
-            rows, ring = _ring_next(load_fwd, ring, t, 1)
-            u, raw, Bt = (x.astype(_F32) for x in rows)
-            dt, _ = _dt_of(cfg, t, raw, bias)
-            h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-            hbuf_ref[s, :, :] = h
-            return h, ring
+        def fwd_group(q, h):
+            s0 = q * G
+            rows = [[x[c * T + s0 + k, :] for x in fwd_refs] for k in range(G)]
+            for k in range(G):
+                t = c * T + s0 + k
+                u, raw, Bt = (x.astype(_F32) for x in rows[k])
+                dt, _ = _dt_of(cfg, t, raw, bias)
+                h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                hbuf_ref[s0 + k, :, :] = h
+            return h
 
-        lax.fori_loop(0, T, fwd_step, (h_start, _ring_init(load_fwd, c * T, 1, PREFETCH_ROWS)))
+        lax.fori_loop(0, T // G, fwd_group, h_start)
 
-        # 2. Adjoint recurrence in reverse time. h_t comes from the previous
-        # (later) step's h_{t-1}; the h_{t-1} are loaded ahead through a ring.
-        def bwd_step(q, carry):
-            dh, dA_acc, dD_acc, h, h_ring, ring = carry
-            s = T - 1 - q
-            t = c * T + s
-            rows, ring = _ring_next(load_bwd, ring, t, -1)
-            h_prev_row, h_ring = _ring_next(load_h, h_ring, s - 1, -1)
-            h_prev = jnp.where(s > 0, h_prev_row[0], h_start)
-            u, raw, Bt, Ct, dy = (x.astype(_F32) for x in rows[:5])
-            dt, raw = _dt_of(cfg, t, raw, bias)
-            if has_z:
-                zt = rows[5].astype(_F32)
-                sig = _sigmoid(zt)
-                y_pre = jnp.sum(h * Ct[None, :], axis=1)
+        # 2. Adjoint recurrence in reverse time, a group of steps at a time.
+        def bwd_group(q, carry):
+            dh, dA_acc, dD_acc = carry
+            s0 = T - G - q * G  # first step of the group; the steps run s0+G-1 .. s0
+            rows = [[x[c * T + s0 + k, :] for x in bwd_refs] for k in range(G)]
+            hs = [hbuf_ref[s0 + k, :, :] for k in range(G)]
+            h_before = hbuf_ref[jnp.maximum(s0 - 1, 0), :, :]
+            h_before = jnp.where(s0 > 0, h_before, h_start)
+            for k in reversed(range(G)):
+                t = c * T + s0 + k
+                h = hs[k]
+                h_prev = hs[k - 1] if k > 0 else h_before
+                u, raw, Bt, Ct, dy = (x.astype(_F32) for x in rows[k][:5])
+                dt, raw = _dt_of(cfg, t, raw, bias)
+                if has_z:
+                    zt = rows[k][5].astype(_F32)
+                    sig = _sigmoid(zt)
+                    y_pre = jnp.sum(h * Ct[None, :], axis=1)
+                    if has_D:
+                        y_pre = y_pre + Dv * u
+                    dz = dy * y_pre * sig * (1.0 + zt * (1.0 - sig))
+                    dz_ref[t, :] = dz.astype(dz_ref.dtype)
+                    gy = dy * zt * sig
+                else:
+                    gy = dy
+                dC_ref[t, :] = jnp.sum(gy[:, None] * h, axis=0)
+                dh = dh + gy[:, None] * Ct[None, :]
+                decay = jnp.exp(dt[:, None] * A)
+                dh_decay = dh * h_prev * decay
+                dhB = jnp.sum(dh * Bt[None, :], axis=1)
+                ddt = jnp.sum(dh_decay * A, axis=1) + dhB * u
+                du = dhB * dt
                 if has_D:
-                    y_pre = y_pre + Dv * u
-                dz = dy * y_pre * sig * (1.0 + zt * (1.0 - sig))
-                dz_ref[t, :] = dz.astype(dz_ref.dtype)
-                gy = dy * zt * sig
-            else:
-                gy = dy
-            dC_ref[t, :] = jnp.sum(gy[:, None] * h, axis=0)
-            dh = dh + gy[:, None] * Ct[None, :]
-            decay = jnp.exp(dt[:, None] * A)
-            dh_decay = dh * h_prev * decay
-            dhB = jnp.sum(dh * Bt[None, :], axis=1)
-            ddt = jnp.sum(dh_decay * A, axis=1) + dhB * u
-            du = dhB * dt
-            if has_D:
-                du = du + gy * Dv
-                dD_acc = dD_acc + gy * u
-            dB_ref[t, :] = jnp.sum(dh * (dt * u)[:, None], axis=0)
-            dA_acc = dA_acc + dh_decay * dt[:, None]
-            if cfg.seq_len % cfg.block_l:
-                ddt = jnp.where(t < cfg.seq_len, ddt, 0.0)
-            if cfg.softplus:
-                ddt = ddt * _sigmoid(raw)
-            du_ref[t, :] = du.astype(du_ref.dtype)
-            ddt_ref[t, :] = ddt.astype(ddt_ref.dtype)
-            return dh * decay, dA_acc, dD_acc, h_prev, h_ring, ring
+                    du = du + gy * Dv
+                    dD_acc = dD_acc + gy * u
+                dB_ref[t, :] = jnp.sum(dh * (dt * u)[:, None], axis=0)
+                dA_acc = dA_acc + dh_decay * dt[:, None]
+                if cfg.seq_len % cfg.block_l:
+                    ddt = jnp.where(t < cfg.seq_len, ddt, 0.0)
+                if cfg.softplus:
+                    ddt = ddt * _sigmoid(raw)
+                du_ref[t, :] = du.astype(du_ref.dtype)
+                ddt_ref[t, :] = ddt.astype(ddt_ref.dtype)
+                dh = dh * decay
+            return dh, dA_acc, dD_acc
 
-        init = (
-            dh,
-            dA_acc,
-            dD_acc,
-            hbuf_ref[T - 1, :, :],
-            _ring_init(load_h, T - 2, -1, PREFETCH_STATES),
-            _ring_init(load_bwd, c * T + T - 1, -1, PREFETCH_ROWS),
-        )
-        dh, dA_acc, dD_acc, *_ = lax.fori_loop(0, T, bwd_step, init)
+        dh, dA_acc, dD_acc = lax.fori_loop(0, T // G, bwd_group, (dh, dA_acc, dD_acc))
         if has_dst:
             dh = dh + dst_ref[c, :, :]
         return dh, dA_acc, dD_acc
