@@ -1,0 +1,260 @@
+"""Orbax training checkpoints: bit-exact round trip, restore onto an abstract model with a
+target sharding, SIGKILL mid-save and resume, damaged checkpoints detected and skipped."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mamba_jax as mj
+from mamba_jax.checkpoint import CheckpointManager, CorruptCheckpointError
+from mamba_jax.train import make_optimizer
+from mamba_jax.train import train_step as _train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "resumable_train.py"
+CFG = mj.MambaConfig.tiny(d_model=32, n_layer=1, vocab_size=16)
+
+
+def train_step(model, opt, batch):
+    # optax's Adam bias correction computes `decay ** count` (python float ** int32), which
+    # strict dtype promotion (tests/conftest.py) rejects; the training script runs standard.
+    with jax.numpy_dtype_promotion("standard"):
+        return _train_step(model, opt, batch)
+
+
+def _make(seed=0, param_dtype=jnp.float32):
+    model = mj.MambaLM(CFG, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+    return model, make_optimizer(model)
+
+
+def _batch(seed):
+    ids = jax.random.randint(jax.random.key(seed), (2, 12), 0, 16)
+    return {"inputs": ids, "targets": jnp.roll(ids, -1, axis=1), "weights": jnp.ones((2, 12), jnp.float32)}
+
+
+def _leaves(module):
+    return jax.tree.leaves(nnx.to_pure_dict(nnx.state(module)))
+
+
+def _assert_same(a, b):
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _trained(steps=2, seed=0, param_dtype=jnp.float32):
+    model, opt = _make(seed, param_dtype)
+    for i in range(steps):
+        train_step(model, opt, _batch(i))
+    return model, opt
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_round_trip_bit_exact_onto_abstract_model(tmp_path, param_dtype):
+    # float32: after two optimizer steps; bfloat16: as initialised (saves a second compilation)
+    model, opt = _trained(steps=2 if param_dtype == jnp.float32 else 0, param_dtype=param_dtype)
+    rng = jax.random.split(jax.random.key(5))[0]
+    with CheckpointManager(tmp_path, max_to_keep=2) as ckpt:
+        assert ckpt.save(2, model, opt, rng={"train": rng, "raw": jnp.arange(2, dtype=jnp.uint32)},
+                         data_state={"position": 17, "epoch": 1, "files": ["a", "b"]})
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [2]
+    abstract_model, abstract_opt = nnx.eval_shape(lambda: _make(seed=1, param_dtype=param_dtype))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in _leaves(abstract_model))  # nothing allocated
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    restored = CheckpointManager(tmp_path).restore(abstract_model, abstract_opt, sharding=cpu)
+    assert restored.step == 2
+    assert restored.data_state == {"position": 17, "epoch": 1, "files": ["a", "b"]}
+    np.testing.assert_array_equal(jax.random.key_data(restored.rng["train"]), jax.random.key_data(rng))
+    assert jax.random.key_impl(restored.rng["train"]) == jax.random.key_impl(rng)
+    np.testing.assert_array_equal(restored.rng["raw"], np.arange(2, dtype=np.uint32))
+    _assert_same(restored.model, model)
+    _assert_same(restored.optimizer, opt)
+    for leaf in _leaves(restored.model) + _leaves(restored.optimizer):
+        assert leaf.sharding == cpu
+    if param_dtype != jnp.float32:
+        return
+    # Training continues identically from the restored state.
+    a = train_step(model, opt, _batch(9))["loss"]
+    b = train_step(restored.model, restored.optimizer, _batch(9))["loss"]
+    assert float(a) == float(b)
+
+
+def test_keeps_last_k_and_sharding_function(tmp_path):
+    model, opt = _make()
+    ckpt = CheckpointManager(tmp_path, max_to_keep=2)
+    for step in range(1, 5):
+        train_step(model, opt, _batch(step))
+        ckpt.save(step, model, opt)
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [3, 4]
+    seen = []
+
+    def place(path, leaf):
+        seen.append(path)
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    restored = ckpt.restore(*nnx.eval_shape(_make), sharding=place)
+    assert restored.step == 4
+    assert ("model", "layers", 0, "mixer", "A_log") in seen
+    _assert_same(restored.model, model)
+    model_only = ckpt.restore(nnx.eval_shape(lambda: _make()[0]), step=3)
+    assert model_only.step == 3 and model_only.optimizer is None
+    ckpt.close()
+
+
+def test_no_checkpoint_returns_none(tmp_path):
+    assert CheckpointManager(tmp_path).restore(*nnx.eval_shape(_make)) is None
+
+
+def _save_three(path):
+    model, opt = _make()
+    states = {}
+    with CheckpointManager(path, max_to_keep=3) as ckpt:
+        for step in (1, 2, 3):
+            train_step(model, opt, _batch(step))
+            ckpt.save(step, model, opt, data_state={"position": step})
+            states[step] = [np.asarray(x) for x in _leaves(model)]
+    return states
+
+
+def _biggest_file(step_dir: Path) -> Path:
+    files = [p for p in (step_dir / "model").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+    f = _biggest_file(step_dir)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip_byte(step_dir):
+    f = _biggest_file(step_dir)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_byte])
+def test_corrupted_latest_falls_back_to_previous(tmp_path, damage):
+    states = _save_three(tmp_path)
+    damage(tmp_path / "3")
+    ckpt = CheckpointManager(tmp_path, max_to_keep=3)
+    with pytest.warns(UserWarning, match=r"checkpoint step 3 .* unreadable or corrupted"):
+        restored = ckpt.restore(*nnx.eval_shape(_make))
+    assert restored.step == 2 and restored.data_state == {"position": 2}
+    for x, y in zip(_leaves(restored.model), states[2]):
+        np.testing.assert_array_equal(np.asarray(x), y)
+    # The bad step was moved aside, so training can save step 3 again.
+    assert ckpt.all_steps() == [1, 2]
+    assert any(p.name.startswith("_corrupted_3_") for p in tmp_path.iterdir())
+    ckpt.save(3, restored.model, restored.optimizer)
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [1, 2, 3]
+
+
+def test_damaged_explicit_step_raises(tmp_path):
+    _save_three(tmp_path)
+    _flip_byte(tmp_path / "2")
+    with pytest.raises(CorruptCheckpointError, match="step 2"):
+        CheckpointManager(tmp_path).restore(*nnx.eval_shape(_make), step=2)
+    assert (tmp_path / "2").exists()  # an explicit request is not moved aside
+
+
+def test_wrong_target_is_an_error_not_corruption(tmp_path):
+    _save_three(tmp_path)
+    other = mj.MambaConfig.tiny(d_model=32, n_layer=1, vocab_size=16, d_state=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "corrupted" warning either
+        with pytest.raises(ValueError, match=r"does not match checkpoint step 3.*A_log: saved float32\[64, 16\]"):
+            CheckpointManager(tmp_path).restore(nnx.eval_shape(lambda: mj.MambaLM(other, rngs=nnx.Rngs(0))))
+    assert CheckpointManager(tmp_path).all_steps() == [1, 2, 3]
+
+
+def test_interrupted_save_directory_is_ignored_and_reported(tmp_path):
+    _save_three(tmp_path)
+    partial = tmp_path / "4.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(tmp_path / "3", partial)
+    _truncate(partial)
+    with pytest.warns(UserWarning, match="unfinished checkpoint"):
+        ckpt = CheckpointManager(tmp_path)
+    assert ckpt.all_steps() == [1, 2, 3]
+    assert ckpt.restore(*nnx.eval_shape(_make)).step == 3
+    assert not partial.exists()
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+
+def _run(args, env, timeout=120):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _losses(log: Path) -> list[tuple[int, float]]:
+    return [(int(s), float.fromhex(h)) for s, h in (line.split() for line in log.read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def script_env(tmp_path_factory):
+    env = dict(os.environ)
+    # Share compiled executables between the subprocesses (startup cost only).
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def test_sigkill_mid_save_resumes_with_the_same_losses(tmp_path, script_env):
+    steps = 9
+    # 1. the uninterrupted run
+    ref = _run(["--dir", str(tmp_path / "ref"), "--log", str(tmp_path / "ref.log"), "--steps", str(steps)], script_env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    expected = dict(_losses(tmp_path / "ref.log"))
+    assert sorted(expected) == list(range(1, steps + 1))
+    # 2. a run whose save of step 6 hangs after writing its files, killed there with SIGKILL
+    log = tmp_path / "run.log"
+    hung = Path(str(log) + ".hung")
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--dir", str(tmp_path / "run"), "--log", str(log), "--steps", str(steps),
+         "--hang-finalize-at", "6"],
+        env=script_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not hung.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "the training run never reached the save of step 6"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    tmp_dir = Path(hung.read_text())
+    assert tmp_dir.exists() and tmp_dir.name.startswith("6.orbax-checkpoint-tmp")  # killed mid-save
+    assert not (tmp_path / "run" / "6").exists()
+    before = _losses(log)
+    assert max(s for s, _ in before) >= 6
+    # 3. resume: the last complete checkpoint is step 3; the unfinished one is reported and removed
+    res = _run(["--dir", str(tmp_path / "run"), "--log", str(log), "--steps", str(steps)], script_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from step 3" in res.stdout
+    assert "unfinished checkpoint" in res.stderr
+    assert not tmp_dir.exists()
+    after = _losses(log)[len(before):]
+    assert [s for s, _ in after] == list(range(4, steps + 1))
+    # every loss ever logged, before the kill and after the resume, is the uninterrupted run's, bit for bit
+    for s, loss in before + after:
+        assert loss == expected[s], (s, loss, expected[s])
