@@ -25,9 +25,10 @@ def make_optimizer(
     """AdamW with linear warmup and cosine decay to ``end_lr_ratio * learning_rate``,
     global-norm clipping, and no weight decay on vectors (norms, biases, D) or ``A_log``
     (as in the reference, where ``A_log`` and ``D`` are marked ``_no_weight_decay``)."""
-    schedule = optax.warmup_cosine_decay_schedule(
+    cosine = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), learning_rate * end_lr_ratio
     )
+    schedule = lambda step: cosine(jnp.asarray(step, jnp.float32))
 
     def decay_mask(params):
         def keep(path, x):
@@ -64,7 +65,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict
         return loss, acc
 
     (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
+        optimizer.update(model, grads)
     return {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
 
 
