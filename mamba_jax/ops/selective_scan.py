@@ -25,7 +25,7 @@ Implementations (``impl=``):
 * ``"pallas"``     the Pallas kernels in ``pallas_kernels.selective_scan``.
 * ``"auto"``       resolved by :func:`resolve_impl` (one documented policy): the
   Pallas kernels on TPU and GPU, chosen per platform at lowering time by
-  ``jax.lax.platform_dependent``; sequential or chunked on CPU.
+  ``jax.lax.platform_dependent``; sequential on CPU.
 """
 
 from __future__ import annotations
@@ -96,61 +96,49 @@ def selective_scan(
             raise ValueError(f"chunk_size is only used by impl='sequential' or 'chunked', got {impl=}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"{chunk_size=} must be a positive int")
-    if impl == "auto":
-        impl = resolve_impl(u.shape[1])
     fn = _impl_fn(impl, chunk_size)
     y, final_state = fn(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state)
     return (y, final_state) if return_final_state else y
 
 
-def resolve_impl(seq_len: int, backend: str | None = None, state_size: int | None = None) -> str:
+def resolve_impl(backend: str, state_size: int) -> str:
     """The ``impl="auto"`` policy, in one place.
 
-    * CPU: ``"sequential"`` at every length: fastest measured on CPU forward
-      and backward (``experiments/bench_scan.py``), O(l/T) training memory, and
-      no padding for decode steps.
-    * TPU and GPU (``"tpu"``, ``"cuda"``): ``"pallas"``, the kernels that keep
-      the state on chip, for every shape they support (state size ``n`` up to
+    * ``"cpu"`` (and any backend without kernels, e.g. ``"rocm"``):
+      ``"sequential"`` at every length: the fastest on CPU forward and backward
+      (``experiments/bench_scan.py``), O(l/T) training memory, no padding for
+      decode steps.
+    * ``"tpu"`` and ``"cuda"``: ``"pallas"``, the kernels that keep the state on
+      chip, when they support the state size (``n`` up to
       ``pallas_kernels.selective_scan.block_sizes.MAX_STATE_SIZE``); the CPU
-      choice otherwise. Other backends (e.g. ``"rocm"``): the CPU choice.
+      choice otherwise.
 
-    With ``backend=None`` the answer is an :class:`AutoImpl`: a string equal to
-    the CPU choice that also carries the choice for every platform, from which
-    ``_impl_fn`` builds one function with ``jax.lax.platform_dependent``, so one
-    jitted (or exported) function runs the right implementation on each
-    platform. An explicit ``impl=`` is never replaced.
+    ``selective_scan(impl="auto")`` applies this to every platform at once with
+    ``jax.lax.platform_dependent``, so one jitted (or exported) function runs the
+    right implementation on each platform. An explicit ``impl=`` is never replaced.
     """
-    del seq_len  # the CPU choice does not depend on the length
-    xla = "sequential"
     from pallas_kernels.selective_scan.block_sizes import MAX_STATE_SIZE
 
-    kernel = "pallas" if state_size is None or state_size <= MAX_STATE_SIZE else xla
-    choices = {"cpu": xla, "tpu": kernel, "cuda": kernel}
-    if backend is None:
-        return AutoImpl(xla, choices)
-    return choices.get(backend, xla)
+    if backend in ("tpu", "cuda") and state_size <= MAX_STATE_SIZE:
+        return "pallas"
+    return "sequential"
 
 
-class AutoImpl(str):
-    """``resolve_impl``'s answer without a backend: the CPU choice, plus ``choices`` per platform."""
+def _auto_fn(chunk_size: int | None) -> Callable:
+    def auto(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+        def branch(platform):
+            fn = _impl_fn(resolve_impl(platform, A.shape[1]), chunk_size)
+            return lambda *a: fn(*a[:8], delta_softplus, a[8])
 
-    def __new__(cls, value: str, choices: dict[str, str]):
-        self = super().__new__(cls, value)
-        self.choices = choices
-        return self
+        arrays = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        return lax.platform_dependent(*arrays, default=branch("cpu"), cuda=branch("cuda"), tpu=branch("tpu"))
+
+    return auto
 
 
 def _impl_fn(impl: str, chunk_size: int | None) -> Callable:
-    if isinstance(impl, AutoImpl):
-
-        def auto(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
-            choices = resolve_impl(u.shape[1], state_size=A.shape[1]).choices
-            branch = lambda name: lambda *a: _impl_fn(name, chunk_size)(*a[:8], delta_softplus, a[8])
-            fns = {platform: branch(name) for platform, name in choices.items()}
-            arrays = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-            return lax.platform_dependent(*arrays, default=fns.pop("cpu"), **fns)
-
-        return auto
+    if impl == "auto":
+        return _auto_fn(chunk_size)
     if impl == "pallas":
         from pallas_kernels.selective_scan import selective_scan_pallas
 
