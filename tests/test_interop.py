@@ -9,8 +9,10 @@ transformers. torch and transformers are test dependencies: this module fails
 """
 
 import json
+import math
 import sys
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -366,3 +368,81 @@ def test_lti_model_cannot_be_exported(tmp_path):
         mj.save_pretrained(model, tmp_path)
 
 
+
+
+# --------------------------------------------------------------------------- experiments/perplexity.py
+
+
+def _perplexity_main():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "perplexity.py"
+    spec = importlib.util.spec_from_file_location("perplexity_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+TEXT = (
+    "Mamba is a selective state space model. Its recurrence keeps a fixed-size state,\n"
+    "so a long document can be scored chunk by chunk with the state carried along.\n"
+    "Ünïcödé bytes count too: naïve café, 東京, ελληνικά.\n"
+) * 4
+
+
+def _direct_nll(model, ids, streams):
+    """Sum of next-token NLL over `streams` contiguous segments, each in one full forward."""
+    seg = len(ids) // streams
+    tokens = jnp.asarray(np.asarray(ids[: seg * streams], np.int32).reshape(streams, seg))
+    logits = model(tokens)[..., : model.config.vocab_size].astype(jnp.float32)
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+    tgt = np.asarray(tokens)[:, 1:]
+    return -np.take_along_axis(logp[:, :-1], tgt[..., None], axis=-1).sum(), streams * (seg - 1)
+
+
+def test_perplexity_script_bytes(tmp_path):
+    from flax import nnx
+
+    model = mj.MambaLM(mj.MambaConfig.tiny(d_model=32, n_layer=2, vocab_size=256), rngs=nnx.Rngs(3))
+    mj.save_pretrained(model, tmp_path / "ckpt")
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    res = _perplexity_main()([str(tmp_path / "ckpt"), str(tmp_path / "text.txt"), "--streams", "2", "--chunk-len", "37"])
+    assert res["tokenizer"] == "bytes"
+    data = TEXT.encode("utf-8")
+    nll, n = _direct_nll(model, list(data), 2)
+    assert res["tokens"] == n == res["bytes"]
+    assert abs(res["nll_sum"] - nll) / nll < 1e-5
+    assert abs(res["perplexity"] - math.exp(nll / n)) / math.exp(nll / n) < 1e-5
+    assert abs(res["bits_per_byte"] - nll / math.log(2) / n) < 1e-5
+    # --max-bytes reads a prefix only
+    part = _perplexity_main()([str(tmp_path / "ckpt"), str(tmp_path / "text.txt"), "--streams", "1", "--max-bytes", "100"])
+    assert part["tokens"] == 99
+
+
+def test_perplexity_script_with_tokenizer_json(tmp_path):
+    from flax import nnx
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    vocab = tok.get_vocab_size()
+    model = mj.MambaLM(mj.MambaConfig.tiny(d_model=32, n_layer=1, vocab_size=vocab), rngs=nnx.Rngs(4))
+    mj.save_pretrained(model, tmp_path / "ckpt")
+    tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    res = _perplexity_main()([str(tmp_path / "ckpt"), str(tmp_path / "text.txt"), "--streams", "3", "--chunk-len", "16"])
+    assert res["tokenizer"] == "auto"
+    ids = tok.encode(TEXT).ids
+    nll, n = _direct_nll(mj.from_pretrained(tmp_path / "ckpt"), ids, 3)
+    assert res["tokens"] == n < len(TEXT.encode("utf-8"))
+    assert abs(res["nll_sum"] - nll) / nll < 1e-5
+    # 3 streams of 181 tokens: the bytes after each stream's first token, counted once
+    enc = tok.encode(TEXT)
+    ends = [len(TEXT[: e].encode("utf-8")) for _, e in enc.offsets]
+    seg = len(ids) // 3
+    assert res["bytes"] == sum(ends[s * seg + seg - 1] - ends[s * seg] for s in range(3))
+    assert 0.9 * len(TEXT.encode("utf-8")) < res["bytes"] < len(TEXT.encode("utf-8"))
+    assert abs(res["bits_per_byte"] - nll / math.log(2) / res["bytes"]) < 1e-6
