@@ -239,13 +239,45 @@ def main(argv=None):
     print(f"copy bandwidth: {', '.join(f'{k} {v / 1e9:.1f} GB/s' for k, v in bw.items())}; batch-1 ceiling "
           f"{ceiling_s * 1e3:.2f} ms/token ({bytes_per_token / 1e6:.0f} MB/token)", flush=True)
 
-    # 2. Batch sweep, JAX.
+    # HF, measured right after mamba_jax for each configuration (the CPU load drifts over minutes).
+    hf = hf_info = torch_device = None
+    if not args.no_hf:
+        import tempfile
+
+        import torch
+        import transformers
+
+        torch_device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
+        with tempfile.TemporaryDirectory() as tmp:
+            hf, weights = hf_model(cfg, model, tmp)
+        hf = hf.to(torch_device)
+        hf_info = {"weights": weights, "torch": torch.__version__, "transformers": transformers.__version__,
+                   "device": torch_device}
+        if torch_device == "cpu":
+            # torch's OpenMP threads suffer badly when a core is taken by another job: use the
+            # faster of 1 and all threads (chosen at batch 1), and record both.
+            per_threads = {}
+            for threads in sorted({1, torch.get_num_threads()}):
+                torch.set_num_threads(threads)
+                per_threads[threads] = hf_step_time(hf, 1, g["STEPS"])
+            best = min(per_threads, key=per_threads.get)
+            torch.set_num_threads(best)
+            hf_info.update(threads=best, batch1_s_per_step_by_threads=per_threads)
+            print(f"hf   batch 1 by torch threads: { {k: round(v * 1e3, 2) for k, v in per_threads.items()} } ms -> {best}")
+
+    # 2. Batch sweep.
     rows = []
     for b in g["BATCH_SIZES"]:
         t0 = time.perf_counter()
         step = jax_step_time(model, b, g["STEPS"])
-        rows.append({"batch": b, "jax_s_per_step": step, "jax_tokens_per_s": b / step})
-        print(f"jax  batch {b:3d}: {step * 1e3:8.2f} ms/step {b / step:9.1f} tok/s  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        row = {"batch": b, "jax_s_per_step": step, "jax_tokens_per_s": b / step}
+        msg = f"batch {b:3d}: jax {step * 1e3:8.2f} ms/step {b / step:9.1f} tok/s"
+        if hf is not None:
+            hstep = hf_step_time(hf, b, g["STEPS"], device=torch_device)
+            row.update(hf_s_per_step=hstep, hf_tokens_per_s=b / hstep, speedup=hstep / step)
+            msg += f" | hf {hstep * 1e3:8.2f} ms/step {b / hstep:9.1f} tok/s | jax/hf {row['speedup']:.2f}x"
+        rows.append(row)
+        print(msg + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     no_cb = jax_step_time_by_difference(model, 1, g["N1"], g["N2"])
     print(f"jax  batch   1 without the callback (difference of two runs): {no_cb * 1e3:.2f} ms/step", flush=True)
 
@@ -270,48 +302,16 @@ def main(argv=None):
         t_pre = time.perf_counter() - t0
         last = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, 1)), jnp.int32)
         step = jax_step_time(model, 1, g["STEPS"], cache=cache, last=last)
-        ctx_rows.append({"context": ctx, "jax_s_per_token": step, "cache_bytes": cache.nbytes(), "prefill_s": t_pre})
-        print(f"jax  context {ctx:6d}: {step * 1e3:8.2f} ms/token, cache {cache.nbytes() / 1e6:.2f} MB "
-              f"(prefill of {ctx - (ctx_rows[-2]['context'] if len(ctx_rows) > 1 else 0)} tokens in "
-              f"{PREFILL_CHUNK}-token chunks: {t_pre:.0f} s)", flush=True)
-
-    # 4. HF side by side.
-    hf_info = None
-    if not args.no_hf:
-        import tempfile
-
-        import torch
-        import transformers
-
-        torch_device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
-        with tempfile.TemporaryDirectory() as tmp:
-            hf, weights = hf_model(cfg, model, tmp)
-        hf = hf.to(torch_device)
-        hf_info = {"weights": weights, "torch": torch.__version__, "transformers": transformers.__version__,
-                   "device": torch_device}
-        if torch_device == "cpu":
-            # torch's OpenMP threads suffer badly when a core is taken by another job: use the
-            # faster of 1 and all threads (chosen at batch 1), and record both.
-            per_threads = {}
-            for threads in sorted({1, torch.get_num_threads()}):
-                torch.set_num_threads(threads)
-                per_threads[threads] = hf_step_time(hf, 1, g["STEPS"])
-            best = min(per_threads, key=per_threads.get)
-            torch.set_num_threads(best)
-            hf_info.update(threads=best, batch1_s_per_step_by_threads=per_threads)
-            print(f"hf   batch 1 by torch threads: { {k: round(v * 1e3, 2) for k, v in per_threads.items()} } ms -> {best}")
-        for row in rows:
-            b = row["batch"]
-            t0 = time.perf_counter()
-            step = hf_step_time(hf, b, g["STEPS"], device=torch_device)
-            row.update(hf_s_per_step=step, hf_tokens_per_s=b / step, speedup=step / row["jax_s_per_step"])
-            print(f"hf   batch {b:3d}: {step * 1e3:8.2f} ms/step {b / step:9.1f} tok/s  -> jax is {row['speedup']:.2f}x "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        for row in ctx_rows:
-            if row["context"] in g["HF_CONTEXTS"]:
-                step = hf_step_time(hf, 1, g["STEPS"], prompt_len=row["context"], device=torch_device)
-                row.update(hf_s_per_token=step, speedup=step / row["jax_s_per_token"])
-                print(f"hf   context {row['context']:6d}: {step * 1e3:8.2f} ms/token -> jax is {row['speedup']:.2f}x", flush=True)
+        row = {"context": ctx, "jax_s_per_token": step, "cache_bytes": cache.nbytes(), "prefill_s": t_pre}
+        ctx_rows.append(row)
+        msg = (f"context {ctx:6d}: jax {step * 1e3:8.2f} ms/token, cache {cache.nbytes() / 1e6:.2f} MB "
+               f"(prefill of {ctx - (ctx_rows[-2]['context'] if len(ctx_rows) > 1 else 0)} tokens in "
+               f"{PREFILL_CHUNK}-token chunks: {t_pre:.0f} s)")
+        if hf is not None and ctx in g["HF_CONTEXTS"]:
+            hstep = hf_step_time(hf, 1, g["STEPS"], prompt_len=ctx, device=torch_device)
+            row.update(hf_s_per_token=hstep, speedup=hstep / step)
+            msg += f" | hf {hstep * 1e3:8.2f} ms/token | jax/hf {row['speedup']:.2f}x"
+        print(msg, flush=True)
 
     # The copy again at the end (the CPU may be shared): keep the higher bandwidth, the stricter ceiling.
     bw_end = copy_bandwidth(1 << 28 if args.quick else 1 << 30)
