@@ -30,11 +30,11 @@ ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state
 CASES = {
     "tpu_l13_groups_all": ("tpu", 2, 13, 12, 3, 2, "float32", 8, dict()),
     "gpu_l11_groups_bf16": ("gpu", 2, 11, 12, 5, 2, "bfloat16", 8, dict(h0=False)),
-    "tpu_l11_bf16": ("tpu", 1, 11, 20, 2, 4, "bfloat16", 8, dict(z=False)),
     "tpu_l1_plain": ("tpu", 1, 1, 8, 3, None, "float32", 8, dict(D=False, z=False, bias=False, h0=False)),
     "gpu_l1_plain": ("gpu", 1, 1, 8, 3, None, "float32", 8, dict(D=False, z=False, bias=False, h0=False)),
 }
 SLOW_CASES = {
+    "tpu_l11_bf16": ("tpu", 1, 11, 20, 2, 4, "bfloat16", 8, dict(z=False)),
     "tpu_l29_n16_bf16": ("tpu", 2, 29, 20, 16, 4, "bfloat16", 16, dict(h0=False)),
     "gpu_l67_n16": ("gpu", 2, 67, 40, 16, 4, "float32", 16, dict()),
 }
@@ -206,9 +206,11 @@ def test_lowers_for_hardware(platform, impl):
     checks = [export.DisabledSafetyCheck.custom_call(name)]
     fwd = export.export(jax.jit(f), platforms=[platform], disabled_checks=checks)(shapes)
     assert name in fwd.mlir_module()
+    assert [o.shape for o in fwd.out_avals] == [(b, l, d), (b, d, n)]
+    if impl == "auto":
+        return  # the backward of the same kernels is checked with impl="pallas"
     bwd = export.export(jax.jit(jax.grad(loss)), platforms=[platform], disabled_checks=checks)(shapes)
     assert bwd.mlir_module().count(name) >= 2  # forward and backward kernels
-    assert [o.shape for o in fwd.out_avals] == [(b, l, d), (b, d, n)]
 
 
 def test_auto_policy():

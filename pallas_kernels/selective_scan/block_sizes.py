@@ -35,9 +35,11 @@ class SelectiveScanBlockSizes:
       tpu_block_d: channels per TPU tile, a multiple of 128 (tiles are
         (tpu_block_d / 128, 128) vregs; a multiple of 1024 fills whole (8, 128)
         float32 vregs), or None: ``min(1024, channels per group rounded up to 128)``.
-      gpu_block_d: channels per GPU program, a power of two, or None:
-        ``min(32, max(16, next power of two of the channels per group))``.
-      num_warps: warps per program of the GPU kernel (a power of two).
+      gpu_block_d: channels per GPU program, a power of two, or None: 16
+        (the fastest of 16/32/64 channels x 2/4 warps on an H100 at
+        b=1, l=32k, d=2048, n=16; experiments/results/bench_scan_h100.json).
+      num_warps: warps per program of the GPU kernel (a power of two); 4
+        measured best with 16 channels (same sweep).
 
     Channel tiles never straddle a group: each group's channels are padded to a
     multiple of the tile.
@@ -46,7 +48,7 @@ class SelectiveScanBlockSizes:
     block_l: int = 64
     tpu_block_d: int | None = None
     gpu_block_d: int | None = None
-    num_warps: int = 2
+    num_warps: int = 4
 
     def __post_init__(self):
         if not isinstance(self.block_l, int) or self.block_l < 1:
@@ -68,9 +70,8 @@ class SelectiveScanBlockSizes:
 
     def gpu_tile(self, channels_per_group: int) -> int:
         """The GPU channel tile for groups of ``channels_per_group`` channels."""
-        if self.gpu_block_d is None:
-            return min(32, max(16, _next_pow2(channels_per_group)))
-        return self.gpu_block_d
+        del channels_per_group  # every group is padded to a multiple of the tile
+        return 16 if self.gpu_block_d is None else self.gpu_block_d
 
 
 def _is_pow2(x) -> bool:
