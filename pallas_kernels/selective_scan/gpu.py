@@ -28,6 +28,17 @@ recomputes the chunk's states from its saved boundary state into a
 per-program scratch buffer (block_l * block_d * N float32; it stays in L1/L2)
 and runs the adjoint recurrence in registers, producing du, ddelta, dz and
 per-tile partial sums of dA, dB, dC, dD that the wrapper reduces in XLA.
+
+Measured (H100, bf16 inputs, n=16; experiments/results/bench_scan_h100.json):
+forward+backward 4x faster than the associative-scan reference at l=32k and
+the fastest impl at every measured shape, but the forward reaches only 3-6%
+of the copy bandwidth. What stands in the way: each program walks all l
+steps one after another, so the time is (steps x per-step latency) and the
+parallelism is only b * d / block_d programs. The next step is a
+chunk-parallel scan (local chunk scans in parallel, a short sequential pass
+over chunk boundaries, a parallel fix-up), as the CUDA reference does inside
+a thread block. The dB/dC partials are (b, d / block_d, L, N) float32, which
+dominates the backward's extra memory at large d.
 """
 
 from __future__ import annotations
