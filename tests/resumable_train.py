@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     abstract_model, abstract_opt = nnx.eval_shape(make_model_and_optimizer)
     restored = ckpt.restore(abstract_model, abstract_opt)
     if restored is None:
-        model, optimizer = make_model_and_optimizer()
+        model, optimizer = nnx.jit(make_model_and_optimizer)()  # one compiled init, not one per op
         step, rng, position = 0, jax.random.key(SEED), 0
     else:
         model, optimizer = restored.model, restored.optimizer

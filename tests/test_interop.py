@@ -39,6 +39,18 @@ def _hf_model(seed=0, **kw) -> transformers.MambaForCausalLM:
     return model
 
 
+def _native_model(config, seed=0, param_dtype=jnp.float32) -> "mj.MambaLM":
+    """A MambaLM with random parameters drawn by NumPy onto an ``nnx.eval_shape`` skeleton
+    (an eager ``MambaLM(...)`` init compiles every initialiser: seconds per shape)."""
+    from flax import nnx
+
+    rng = np.random.default_rng(seed)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: mj.MambaLM(config, param_dtype=param_dtype, rngs=nnx.Rngs(0))))
+    fill = lambda x: jnp.asarray((0.3 * rng.standard_normal(x.shape)).astype(np.float32), dtype=x.dtype)
+    nnx.replace_by_pure_dict(state, jax.tree.map(fill, nnx.to_pure_dict(state)))
+    return nnx.merge(graphdef, state)
+
+
 def _ids(vocab, b=2, l=19, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, (b, l))
 
@@ -207,11 +219,9 @@ def test_save_pretrained_round_trip_through_transformers(tied, tmp_path):
 
 
 def test_save_pretrained_of_a_native_model(tmp_path):
-    """A model made here (random init, bf16 params) goes to transformers with the same logits."""
-    from flax import nnx
-
+    """A model made here (random bf16 params) goes to transformers with the same logits."""
     cfg = mj.MambaConfig.tiny(d_model=32, n_layer=2, vocab_size=50, tie_embeddings=False)
-    model = mj.MambaLM(cfg, param_dtype=jnp.bfloat16, dtype=jnp.float32, rngs=nnx.Rngs(7))
+    model = _native_model(cfg, seed=7, param_dtype=jnp.bfloat16)
     mj.save_pretrained(model, tmp_path)
     from safetensors import safe_open
 
@@ -361,9 +371,7 @@ def test_truncated_safetensors_is_reported(hf_dir):
 
 
 def test_lti_model_cannot_be_exported(tmp_path):
-    from flax import nnx
-
-    model = mj.MambaLM(mj.MambaConfig.tiny(d_model=16, n_layer=1, selective=False), rngs=nnx.Rngs(0))
+    model = _native_model(mj.MambaConfig.tiny(d_model=16, n_layer=1, selective=False))
     with pytest.raises(ValueError, match="selective=False"):
         mj.save_pretrained(model, tmp_path)
 
@@ -402,9 +410,7 @@ def _direct_nll(model, ids, streams):
 
 
 def test_perplexity_script_bytes(tmp_path):
-    from flax import nnx
-
-    model = mj.MambaLM(mj.MambaConfig.tiny(d_model=32, n_layer=2, vocab_size=256), rngs=nnx.Rngs(3))
+    model = _native_model(mj.MambaConfig.tiny(d_model=32, n_layer=2, vocab_size=256), seed=3)
     mj.save_pretrained(model, tmp_path / "ckpt")
     (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
     res = _perplexity_main()([str(tmp_path / "ckpt"), str(tmp_path / "text.txt"), "--streams", "2", "--chunk-len", "37"])
@@ -421,7 +427,6 @@ def test_perplexity_script_bytes(tmp_path):
 
 
 def test_perplexity_script_with_tokenizer_json(tmp_path):
-    from flax import nnx
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -429,7 +434,7 @@ def test_perplexity_script_with_tokenizer_json(tmp_path):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     vocab = tok.get_vocab_size()
-    model = mj.MambaLM(mj.MambaConfig.tiny(d_model=32, n_layer=1, vocab_size=vocab), rngs=nnx.Rngs(4))
+    model = _native_model(mj.MambaConfig.tiny(d_model=32, n_layer=1, vocab_size=vocab), seed=4)
     mj.save_pretrained(model, tmp_path / "ckpt")
     tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
     (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
