@@ -98,12 +98,16 @@ def test_keeps_last_k_and_sharding_function(tmp_path):
     assert ckpt.all_steps() == [3, 4]
     seen = []
 
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
     def place(path, leaf):
         seen.append(path)
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return replicated
 
     restored = ckpt.restore(*nnx.eval_shape(_make), sharding=place)
     assert restored.step == 4
+    assert all(leaf.sharding == replicated for leaf in _leaves(restored.model))
     assert ("model", "layers", 0, "mixer", "A_log") in seen
     _assert_same(restored.model, model)
     model_only = ckpt.restore(nnx.eval_shape(lambda: _make()[0]), step=3)

@@ -302,9 +302,22 @@ def test_error_shape_mismatch(hf_dir):
 
 
 def test_error_vocab_rows_disagree(hf_dir):
-    _edit_config(hf_dir, lambda c: c.update(vocab_size=100))
+    _edit_config(hf_dir, lambda c: c.update(vocab_size=100, pad_vocab_size_multiple=8))
     with pytest.raises(ValueError, match=r"vocab_size=100 but the embedding has 101 rows"):
         mj.from_pretrained(hf_dir)
+
+
+def test_hf_config_with_unpadded_vocab_size(tmp_path):
+    """config.json vocab_size 101 (the tokenizer's) with 104 rows, as pad_vocab_size_multiple=8 gives."""
+    hf = _hf_model(seed=10, vocab_size=104, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path)
+    _edit_config(tmp_path, lambda c: c.update(vocab_size=101, pad_vocab_size_multiple=8))
+    model = mj.from_pretrained(tmp_path)
+    assert model.config.vocab_size == 101 and model.config.padded_vocab_size == 104
+    ids = _ids(101)
+    err = rel_err(_our_logits(model, ids), _ref_logits(hf, ids))
+    MEASURED["hf-unpadded-vocab_size"] = err
+    assert err < PARITY_TOL
 
 
 @pytest.mark.parametrize(

@@ -51,11 +51,13 @@ twice. Any other key, a missing key or a wrong shape is an error naming it.
 Vocabulary padding. ``MambaLM`` has ``config.padded_vocab_size`` embedding
 rows (``vocab_size`` rounded up to ``pad_vocab_size_multiple``); the mamba_ssm
 layout stores exactly that (config ``vocab_size`` 50277, 50280 rows). In the
-HF layout ``vocab_size`` is the number of rows (50280 for
+HF layout ``vocab_size`` is normally the number of rows (50280 for
 ``state-spaces/mamba-130m-hf``, whose tokenizer has 50277 tokens): the true
 vocabulary is not recorded. ``from_pretrained`` therefore keeps
 ``vocab_size`` = the number of rows unless you pass ``vocab_size=`` (the
-tokenizer's size), and picks ``pad_vocab_size_multiple`` so that no row is
+tokenizer's size). An HF config whose ``vocab_size`` is the unpadded size
+(fewer than the rows) is accepted when its ``pad_vocab_size_multiple`` rounds
+it up to exactly the rows; any other disagreement is an error. It then picks ``pad_vocab_size_multiple`` so that no row is
 added or dropped (8 where the size allows, else 1). Passing
 ``pad_vocab_size_multiple=`` (e.g. 128 for TPU-friendly shapes) appends zero
 rows (zero columns of an untied ``lm_head``); logits of ids ``>= vocab_size``
@@ -291,13 +293,18 @@ def load_config(
     layout = detect_layout(raw)
     if layout == "hf":
         fields, hf_vocab = _hf_config_fields(raw)
+        n_rows = hf_vocab
         if rows is not None and rows != hf_vocab:
-            raise ValueError(
-                f"config.json vocab_size={hf_vocab} but the embedding has {rows} rows "
-                "(in the Hugging Face layout they must agree)"
-            )
+            # Accepted only as the padded size of an unpadded vocab_size the config spells out.
+            m_cfg = raw.get("pad_vocab_size_multiple")
+            if not (rows > hf_vocab and isinstance(m_cfg, int) and m_cfg > 0 and -(-hf_vocab // m_cfg) * m_cfg == rows):
+                raise ValueError(
+                    f"config.json vocab_size={hf_vocab} but the embedding has {rows} rows (they must agree, "
+                    "or the rows must be vocab_size rounded up to the config's pad_vocab_size_multiple)"
+                )
+            n_rows = rows
         v = hf_vocab if vocab_size is None else vocab_size
-        v, m = _resolve_vocab(hf_vocab, v, pad_vocab_size_multiple, "config.json")
+        v, m = _resolve_vocab(n_rows, v, pad_vocab_size_multiple, "config.json")
     else:
         fields, ssm_vocab, ssm_multiple = _mamba_ssm_config_fields(raw)
         padded = -(-ssm_vocab // ssm_multiple) * ssm_multiple
