@@ -236,12 +236,14 @@ class CheckpointManager:
 
         Concrete modules work too; their values are replaced. With ``step=None`` the
         latest intact checkpoint is used (damaged ones are reported and moved aside);
-        ``None`` is returned when the directory holds no checkpoint.
+        ``None`` is returned when the directory holds no checkpoint, and
+        :class:`CorruptCheckpointError` is raised when it held some but none was intact.
         """
         self._manager.wait_until_finished()
         if step is not None:
             return self._restore_step(int(step), abstract_model, abstract_optimizer, sharding)
-        for s in sorted(self._manager.all_steps(), reverse=True):
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for s in steps:
             try:
                 return self._restore_step(s, abstract_model, abstract_optimizer, sharding)
             except CorruptCheckpointError as err:
@@ -252,6 +254,8 @@ class CheckpointManager:
                     stacklevel=2,
                 )
                 self._quarantine(s)
+        if steps:  # there were checkpoints, none intact: starting over must be the caller's decision
+            raise CorruptCheckpointError(f"no intact checkpoint in {self.directory}: steps {steps} were all damaged")
         return None
 
     def _quarantine(self, step: int) -> None:

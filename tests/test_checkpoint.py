@@ -164,6 +164,14 @@ def test_corrupted_latest_falls_back_to_previous(tmp_path, damage):
     assert ckpt.all_steps() == [1, 2, 3]
 
 
+def test_all_damaged_raises(tmp_path):
+    _save_three(tmp_path)
+    for step in (1, 2, 3):
+        _flip_byte(tmp_path / str(step))
+    with pytest.warns(UserWarning, match="corrupted"), pytest.raises(CorruptCheckpointError, match="no intact checkpoint"):
+        CheckpointManager(tmp_path).restore(*nnx.eval_shape(_make))
+
+
 def test_damaged_explicit_step_raises(tmp_path):
     _save_three(tmp_path)
     _flip_byte(tmp_path / "2")
