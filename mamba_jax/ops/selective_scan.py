@@ -299,8 +299,9 @@ _RECURRENCES = {"sequential": _recurrence_sequential, "chunked": _recurrence_par
 def _padded(mode, u, dt, A, B, C, h0, *, chunk_size):
     """Pads time to a multiple of the chunk with identity steps (dt = 0) and runs the core."""
     l = u.shape[1]
-    T = min(chunk_size, l)
-    pad = -l % T
+    n_chunks = -(-l // chunk_size)
+    T = -(-l // n_chunks)  # chunks of at most chunk_size steps, padding fewer than n_chunks steps
+    pad = n_chunks * T - l
     if pad:
         padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         u, dt, B, C = padt(u), padt(dt), padt(B), padt(C)
