@@ -67,7 +67,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict
     (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
         optimizer.update(model, grads)
-    return {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+    return {"loss": loss, "accuracy": acc, "grad_norm": optax.tree_utils.tree_norm(grads)}
 
 
 @nnx.jit
