@@ -52,6 +52,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.selective_scan.vjp import kernel_scan
+
 _F32 = jnp.float32
 
 
@@ -80,42 +82,13 @@ def selective_scan_gpu(cfg: GpuScanConfig, u, dt, A, B, C, D, z, bias, h0):
     return _scan(cfg, u, dt, A, B, C, D, z, bias, h0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(cfg, u, dt, A, B, C, D, z, bias, h0):
-    out, _ = _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0)
-    return out
-
-
-def _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0):
-    y, st, hT = _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0)
-    out = (y, hT, st) if cfg.want_states else (y, hT)
-    return out, (u, dt, A, B, C, D, z, bias, h0, st)
-
-
-def _scan_bwd(cfg, res, cts):
-    u, dt, A, B, C, D, z, bias, h0, st = res
-    if cfg.want_states:
-        dy, dhT, dst = cts
-    else:
-        (dy, dhT), dst = cts, None
+def _reduce_partials(cfg, u, A, B, C, dA_p, dB_p, dC_p):
+    """Per-tile partial sums of dA, dB, dC reduced in XLA."""
     b, L, Dp = u.shape
     g, N = B.shape[2], B.shape[3]
-    W = cfg.block_d
-    nd = Dp // W
-    outs = _backward_call(cfg, u, dt, A, B, C, D, z, bias, st, dy, dhT, dst)
-    du, ddt, dz, dA_p, dB_p, dC_p, dD_p, dh0 = outs
-    # Per-tile partial sums, reduced here.
-    dA = dA_p.sum(0).astype(A.dtype)
+    nd = Dp // cfg.block_d
     per_group = lambda x: x.reshape(b, g, nd // g, L, N).sum(2).transpose(0, 2, 1, 3)
-    dB = per_group(dB_p).astype(B.dtype)
-    dC = per_group(dC_p).astype(C.dtype)
-    dD = None if D is None else dD_p.sum(0).astype(D.dtype)
-    dbias = None if bias is None else ddt.astype(_F32).sum((0, 1)).astype(bias.dtype)
-    dh0 = None if h0 is None else dh0.astype(h0.dtype)
-    return du, ddt, dA, dB, dC, dD, dz, dbias, dh0
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+    return dA_p.sum(0).astype(A.dtype), per_group(dB_p).astype(B.dtype), per_group(dC_p).astype(C.dtype)
 
 
 # --------------------------------------------------------------------------
@@ -399,3 +372,6 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
     dA_ref[...] = dA_acc
     if has_D:
         dD_ref[...] = dD_acc
+
+
+_scan = kernel_scan(_forward_call, _backward_call, _reduce_partials)

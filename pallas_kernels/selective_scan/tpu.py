@@ -39,6 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.selective_scan.vjp import kernel_scan
+
 _F32 = jnp.float32
 
 
@@ -91,38 +93,12 @@ def selective_scan_tpu(cfg: TpuScanConfig, u, dt, A, B, C, D, z, bias, h0):
     return y, hT, st
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(cfg, u, dt, A, B, C, D, z, bias, h0):
-    out, _ = _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0)
-    return out
-
-
-def _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0):
-    y, st, hT = _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0)
-    out = (y, hT, st) if cfg.want_states else (y, hT)
-    return out, (u, dt, A, B, C, D, z, bias, h0, st)
-
-
-def _scan_bwd(cfg, res, cts):
-    u, dt, A, B, C, D, z, bias, h0, st = res
-    if cfg.want_states:
-        dy, dhT, dst = cts
-    else:
-        (dy, dhT), dst = cts, None
+def _reduce_partials(cfg, u, A, B, C, dA_p, dB_p, dC_p):
+    """Per-tile partial sums of dA, dB, dC reduced in XLA (everything is float32 here)."""
     b, g, nc = B.shape[:3]
     nd = u.shape[2]
-    du, ddt, dz, dA_p, dB_p, dC_p, dD_p, dh0 = _backward_call(
-        cfg, u, dt, A, B, C, D, z, bias, st, dy, dhT, dst
-    )
     per_group = lambda x: x.reshape(b, g, nd // g, nc, 1, -1).sum(2)
-    dA = dA_p.sum(0)
-    dD = None if D is None else dD_p.sum(0)
-    dbias = None if bias is None else ddt.sum((0, 1))
-    dh0 = None if h0 is None else dh0
-    return du, ddt, dA, per_group(dB_p), per_group(dC_p), dD, dz, dbias, dh0
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+    return dA_p.sum(0), per_group(dB_p), per_group(dC_p)
 
 
 # --------------------------------------------------------------------------
@@ -401,3 +377,6 @@ def _backward_kernel(*refs, cfg, has, n):
         dA_ref[...] = dA_scr[...]
         if has_D:
             dD_ref[...] = dD_scr[...]
+
+
+_scan = kernel_scan(_forward_call, _backward_call, _reduce_partials)
