@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,6 +27,14 @@ def make_optimizer(
     """AdamW with linear warmup and cosine decay to ``end_lr_ratio * learning_rate``,
     global-norm clipping, and no weight decay on vectors (norms, biases, D) or ``A_log``
     (as in the reference, where ``A_log`` and ``D`` are marked ``_no_weight_decay``)."""
+    tx = _adamw(learning_rate, total_steps, warmup_steps, end_lr_ratio, weight_decay, b1, b2, grad_clip)
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+@functools.lru_cache(maxsize=32)
+def _adamw(learning_rate, total_steps, warmup_steps, end_lr_ratio, weight_decay, b1, b2, grad_clip):
+    """The optax transformation, one object per set of hyperparameters: it is static
+    in the jitted train step, so optimizers built alike share one compilation."""
     cosine = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), learning_rate * end_lr_ratio
     )
@@ -37,11 +47,10 @@ def make_optimizer(
 
         return jax.tree_util.tree_map_with_path(keep, params)
 
-    tx = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(grad_clip),
         optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask),
     )
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
 def cross_entropy(
