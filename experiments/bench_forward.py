@@ -14,6 +14,7 @@ import json
 import pathlib
 import platform
 import statistics
+import tempfile
 import time
 
 import jax
@@ -69,36 +70,10 @@ try:
 except ImportError as err:
     raise SystemExit(f"this benchmark runs transformers side by side: pip install -e '.[bench]' ({err})")
 
-torch.manual_seed(0)
-hf_config = transformers.MambaConfig(
-    vocab_size=V, hidden_size=e, state_size=n, num_hidden_layers=N_LAYER, conv_kernel=config.d_conv,
-    expand=config.expand, time_step_rank=r, use_bias=False, use_conv_bias=True, layer_norm_epsilon=1e-5,
-    residual_in_fp32=True, tie_word_embeddings=True,
-)
-hf = transformers.MambaForCausalLM(hf_config).eval()
-# Copy our weights in, so both compute the same function (checked below).
-sd = {}
-params = nnx.state(model, nnx.Param)
-t = lambda x: torch.from_numpy(np.asarray(x[...], np.float32).copy())
-sd["backbone.embeddings.weight"] = t(params["embedding"]["embedding"])
-sd["backbone.norm_f.weight"] = t(params["norm_f"]["weight"])
-for i in range(N_LAYER):
-    p, mx = params["layers"][i], f"backbone.layers.{i}.mixer."
-    sd[f"backbone.layers.{i}.norm.weight"] = t(p["norm"]["weight"])
-    m = p["mixer"]
-    sd[mx + "in_proj.weight"] = t(m["in_proj"]["kernel"]).T.contiguous()
-    sd[mx + "conv1d.weight"] = t(m["conv1d"]["kernel"]).T.contiguous()[:, None, :]
-    sd[mx + "conv1d.bias"] = t(m["conv1d"]["bias"])
-    sd[mx + "x_proj.weight"] = t(m["x_proj"]["kernel"]).T.contiguous()
-    sd[mx + "dt_proj.weight"] = t(m["dt_proj"]["kernel"]).T.contiguous()
-    sd[mx + "dt_proj.bias"] = t(m["dt_proj"]["bias"])
-    sd[mx + "A_log"] = t(m["A_log"])
-    sd[mx + "D"] = t(m["D"])
-    sd[mx + "out_proj.weight"] = t(m["out_proj"]["kernel"]).T.contiguous()
-missing, unexpected = hf.load_state_dict(sd, strict=False)
-if [k for k in missing if k != "lm_head.weight"] or unexpected:
-    raise SystemExit(f"weight copy mismatch: missing={missing} unexpected={unexpected}")
-hf.tie_weights()
+# Our weights, through the library's own export (the checkpoint name table).
+with tempfile.TemporaryDirectory() as tmpdir:
+    mj.save_pretrained(model, tmpdir)
+    hf = transformers.MambaForCausalLM.from_pretrained(tmpdir, torch_dtype=torch.float32).eval()
 ids_torch = torch.from_numpy(np.asarray(ids, np.int64))
 
 ours_logits = np.asarray(forward(model, ids))

@@ -136,34 +136,14 @@ def jax_step_time_by_difference(model, batch, n1, n2, seed=0):
 
 
 # %% HF side
-def hf_model(cfg, jax_model, tmpdir):
+def hf_model(jax_model, tmpdir):
+    """The Hugging Face model with our weights (mamba_jax.save_pretrained -> MambaForCausalLM.from_pretrained)."""
     import torch
-    from transformers import MambaConfig as HFMambaConfig
     from transformers import MambaForCausalLM
 
-    save = getattr(mj, "save_pretrained", None)
-    if save is not None:
-        save(jax_model, tmpdir)
-        model = MambaForCausalLM.from_pretrained(tmpdir, torch_dtype=torch.float32)
-        weights = "same weights (mamba_jax.save_pretrained -> MambaForCausalLM.from_pretrained)"
-    else:
-        hf_cfg = HFMambaConfig(
-            vocab_size=cfg.padded_vocab_size,
-            hidden_size=cfg.d_model,
-            state_size=cfg.d_state,
-            num_hidden_layers=cfg.n_layer,
-            expand=cfg.expand,
-            conv_kernel=cfg.d_conv,
-            use_bias=cfg.bias,
-            use_conv_bias=cfg.conv_bias,
-            tie_word_embeddings=cfg.tie_embeddings,
-            residual_in_fp32=cfg.residual_in_fp32,
-            layer_norm_epsilon=cfg.norm_epsilon,
-        )
-        torch.manual_seed(0)
-        model = MambaForCausalLM(hf_cfg)
-        weights = "independent random weights, same config (mamba_jax.save_pretrained not available)"
-    return model.eval(), weights
+    mj.save_pretrained(jax_model, tmpdir)
+    model = MambaForCausalLM.from_pretrained(tmpdir, torch_dtype=torch.float32)
+    return model.eval(), "same weights (mamba_jax.save_pretrained -> MambaForCausalLM.from_pretrained)"
 
 
 def hf_step_time(model, batch, n, prompt_len=PROMPT_LEN, seed=0, device="cpu"):
@@ -249,7 +229,7 @@ def main(argv=None):
 
         torch_device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
         with tempfile.TemporaryDirectory() as tmp:
-            hf, weights = hf_model(cfg, model, tmp)
+            hf, weights = hf_model(model, tmp)
         hf = hf.to(torch_device)
         hf_info = {"weights": weights, "torch": torch.__version__, "transformers": transformers.__version__,
                    "device": torch_device}
