@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import pytest
 
 # Any implicit mixing of dtypes (bf16 with f32, int with float) is a bug here.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -45,8 +44,3 @@ def selective_scan_oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     if z is not None:
         y = y * z / (1.0 + np.exp(-z))
     return y, h
-
-
-@pytest.fixture
-def oracle():
-    return selective_scan_oracle
