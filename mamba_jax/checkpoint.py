@@ -32,9 +32,26 @@ written at save time (two 32-bit hashes of each array's bits, so any flipped
 bit is caught). ``restore()`` then warns, moves the bad step aside to
 ``_corrupted_<step>_<time>`` inside the directory and tries the previous one.
 An explicitly requested ``step=`` that is damaged raises
-:class:`CorruptCheckpointError` instead. An abstract model or optimizer that
-does not match what was saved (another config) raises ``ValueError`` before
-any array is read, and never moves a checkpoint aside.
+:class:`CorruptCheckpointError` instead.
+
+Failures are classified, never guessed: only damage moves a step aside. Damage
+is a fingerprint mismatch, a missing file or unparsable metadata inside a
+finalised step, or a read that TensorStore reports as ``DATA_LOSS``,
+``OUT_OF_RANGE`` or ``NOT_FOUND`` (a truncated or malformed file). Everything
+else propagates unchanged and moves nothing: I/O and permission errors
+(``OSError``), ``MemoryError``, TensorStore's transient codes
+(``UNAVAILABLE``, ``PERMISSION_DENIED``, ``RESOURCE_EXHAUSTED`` ...), a bad
+target sharding, and an error nobody classified. A checkpoint written by
+another ``FORMAT_VERSION`` raises :class:`CheckpointVersionError`. An abstract
+model or optimizer that does not match what was saved (another config, or a
+variable saved but not in the target or the reverse) raises ``ValueError``
+before any array is read, and never moves a checkpoint aside.
+:meth:`CheckpointManager.damaged_steps` lists what was moved aside.
+
+Every variable of the model is saved, not only its ``nnx.Param`` variables
+(``nnx.BatchStat``, counters, RNG keys of its streams ...), and every one is
+restored: restoring onto a model whose variables differ from the saved ones is
+the ``ValueError`` above, never a silent mix of saved and fresh values.
 
 Sharding. ``restore`` places every array with a target sharding: by default
 the sharding carried by the abstract leaves (``nnx.eval_shape`` under a mesh,
@@ -49,7 +66,9 @@ belongs, so a checkpoint saved on one topology restores onto another.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
+import json
 import os
 import re
 import shutil
@@ -65,14 +84,58 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-__all__ = ["CheckpointManager", "Restored", "CorruptCheckpointError", "fingerprint"]
+__all__ = ["CheckpointManager", "Restored", "CorruptCheckpointError", "CheckpointVersionError", "fingerprint"]
 
-FORMAT_VERSION = 1
+# 2: every model variable (not only nnx.Param) is saved; typed PRNG keys as key data.
+FORMAT_VERSION = 2
 _TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+DAMAGED_PREFIX = "_corrupted_"
+_DAMAGED_RE = re.compile(rf"^{DAMAGED_PREFIX}(\d+)_\d+$")
+# TensorStore status codes of a file that is there but cannot be decoded ...
+_DAMAGE_CODES = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b")
+# ... and of a failure that may well succeed on the next try.
+_TRANSIENT_CODES = re.compile(
+    r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|PERMISSION_DENIED|RESOURCE_EXHAUSTED|ABORTED|CANCELLED|UNAUTHENTICATED)\b"
+)
 
 
 class CorruptCheckpointError(RuntimeError):
     """A finalised checkpoint could not be read back intact."""
+
+
+class CheckpointVersionError(ValueError):
+    """A checkpoint was written by another ``FORMAT_VERSION`` of this module."""
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def is_damage(err: BaseException) -> bool:
+    """Whether ``err`` (raised while reading a finalised step) means the files are damaged.
+
+    Only positive evidence counts: a fingerprint mismatch, a missing file, unparsable
+    JSON, or a TensorStore ``DATA_LOSS`` / ``OUT_OF_RANGE`` / ``NOT_FOUND`` status
+    anywhere in the exception chain. An ``OSError`` other than a missing file, a
+    ``MemoryError`` or a transient TensorStore status anywhere in the chain is never
+    damage, whatever else the chain says."""
+    for e in _chain(err):
+        if isinstance(e, MemoryError):
+            return False
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno != errno.ENOENT:
+            return False
+        if _TRANSIENT_CODES.search(str(e)):
+            return False
+    for e in _chain(err):
+        if isinstance(e, (CorruptCheckpointError, FileNotFoundError, json.JSONDecodeError)):
+            return True
+        if _DAMAGE_CODES.search(str(e)):
+            return True
+    return False
 
 
 @dataclasses.dataclass
@@ -171,6 +234,10 @@ class CheckpointManager:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def damaged_steps(self) -> list[Path]:
+        """The steps moved aside as damaged (``_corrupted_<step>_<time>`` directories)."""
+        return sorted(p for p in self.directory.iterdir() if _DAMAGED_RE.match(p.name))
+
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()
 
@@ -204,9 +271,10 @@ class CheckpointManager:
         step = int(step)
         if not force and not self._manager.should_save(step):
             return False
-        state = {"model": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+        typed_keys = {}
+        state = {"model": _keys_to_data(nnx.to_pure_dict(nnx.state(model)), "model", typed_keys)}
         if optimizer is not None:
-            state["optimizer"] = nnx.to_pure_dict(nnx.state(optimizer))
+            state["optimizer"] = _keys_to_data(nnx.to_pure_dict(nnx.state(optimizer)), "optimizer", typed_keys)
         rng_meta = None
         if rng is not None:
             keys, rng_meta = _rng_to_data(rng)
@@ -217,6 +285,7 @@ class CheckpointManager:
             "data_state": dict(data_state or {}),
             "rng": rng_meta,
             "has_optimizer": optimizer is not None,
+            "typed_keys": typed_keys,
             "fingerprints": fingerprint(state),
             "arrays": _describe(state),
         }
@@ -238,6 +307,8 @@ class CheckpointManager:
         latest intact checkpoint is used (damaged ones are reported and moved aside);
         ``None`` is returned when the directory holds no checkpoint, and
         :class:`CorruptCheckpointError` is raised when it held some but none was intact.
+        Any failure that is not damage (see the module docstring) propagates unchanged
+        and leaves every checkpoint where it is.
         """
         self._manager.wait_until_finished()
         if step is not None:
@@ -246,7 +317,7 @@ class CheckpointManager:
         for s in steps:
             try:
                 return self._restore_step(s, abstract_model, abstract_optimizer, sharding)
-            except CorruptCheckpointError as err:
+            except CorruptCheckpointError as err:  # damage only: everything else propagates
                 warnings.warn(
                     f"checkpoint step {s} in {self.directory} is unreadable or corrupted "
                     f"({type(err).__name__}: {str(err)[:300]}); moving it aside and falling back "
@@ -261,7 +332,7 @@ class CheckpointManager:
     def _quarantine(self, step: int) -> None:
         src = self.directory / str(step)
         if src.exists():
-            dst = self.directory / f"_corrupted_{step}_{int(time.time())}"
+            dst = self.directory / f"{DAMAGED_PREFIX}{step}_{int(time.time())}"
             shutil.move(str(src), str(dst))
         self._manager.reload()
 
@@ -271,18 +342,28 @@ class CheckpointManager:
             raise CorruptCheckpointError(f"step {step}: {step_dir} is not finalised (an interrupted save)")
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format_version={meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-            meta["arrays"], meta["fingerprints"], meta["data_state"], meta["rng"]  # noqa: B018 - present?
-        except Exception as err:  # noqa: BLE001 - whatever orbax raises, the step cannot be read
-            raise CorruptCheckpointError(f"step {step}: metadata unreadable: {type(err).__name__}: {err}") from err
+        except Exception as err:
+            if is_damage(err):
+                raise CorruptCheckpointError(f"step {step}: metadata unreadable: {type(err).__name__}: {err}") from err
+            raise
+        if not isinstance(meta, Mapping):
+            raise CorruptCheckpointError(f"step {step}: metadata is not a JSON object: {type(meta).__name__}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointVersionError(
+                f"checkpoint step {step} in {self.directory} has format_version={meta.get('format_version')!r}; "
+                f"this mamba_jax reads format_version={FORMAT_VERSION} (nothing was moved)"
+            )
+        missing = [k for k in ("arrays", "fingerprints", "data_state", "rng", "has_optimizer", "typed_keys") if k not in meta]
+        if missing:
+            raise CorruptCheckpointError(f"step {step}: metadata lacks {missing}")
         if abstract_optimizer is not None and not meta["has_optimizer"]:
             raise ValueError(f"step {step} was saved without an optimizer state")
-        m_graph, m_state, m_rest = nnx.split(abstract_model, nnx.Param, ...)
-        target = {"model": _abstract(nnx.to_pure_dict(m_state))}
+        m_graph, m_state = nnx.split(abstract_model)
+        typed = {}
+        target = {"model": _keys_to_data(_abstract(nnx.to_pure_dict(m_state)), "model", typed)}
         if abstract_optimizer is not None:
             o_graph, o_state = nnx.split(abstract_optimizer)
-            target["optimizer"] = _abstract(nnx.to_pure_dict(o_state))
+            target["optimizer"] = _keys_to_data(_abstract(nnx.to_pure_dict(o_state)), "optimizer", typed)
         if meta["rng"] is not None:
             target["rng"] = {"keys": jax.tree.map(
                 lambda spec: jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.uint32), meta["rng"],
@@ -291,9 +372,13 @@ class CheckpointManager:
         # A target that does not match what was saved is the caller's error (a different
         # config), not damage: it raises ValueError and never moves a checkpoint aside.
         saved = {k: v for k, v in meta["arrays"].items() if k.split("/")[0] in target}
-        mismatch = sorted(k for k in set(saved) | set(_describe(target)) if saved.get(k) != _describe(target).get(k))
+        want = _describe(target)
+        mismatch = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+        saved_keys = {k: v for k, v in meta["typed_keys"].items() if k.split("/")[0] in target}
+        mismatch += sorted(
+            f"{k} (PRNG key impl)" for k in set(saved_keys) | set(typed) if saved_keys.get(k) != typed.get(k)
+        )
         if mismatch:
-            want = _describe(target)
             details = [f"{k}: saved {saved.get(k)}, target {want.get(k)}" for k in mismatch[:5]]
             raise ValueError(f"the abstract model/optimizer does not match checkpoint step {step}: {details}")
         target = _with_sharding(target, sharding)
@@ -301,18 +386,20 @@ class CheckpointManager:
             items = {name: ocp.args.StandardRestore(tree) for name, tree in target.items()}
             result = self._manager.restore(step, args=ocp.args.Composite(**items))
             restored = {name: result[name] for name in target}
-        except Exception as err:  # noqa: BLE001 - the arrays cannot be read back
-            raise CorruptCheckpointError(f"step {step}: arrays unreadable: {type(err).__name__}: {err}") from err
+        except Exception as err:
+            if is_damage(err):
+                raise CorruptCheckpointError(f"step {step}: arrays unreadable: {type(err).__name__}: {err}") from err
+            raise
         want = meta["fingerprints"]
         got = fingerprint(restored)
         bad = sorted(k for k in got if want.get(k) != got[k])
         if bad:
             raise CorruptCheckpointError(f"step {step}: arrays differ from their save-time fingerprints: {bad[:5]}")
-        nnx.replace_by_pure_dict(m_state, restored["model"])
-        model = nnx.merge(m_graph, m_state, m_rest)
+        nnx.replace_by_pure_dict(m_state, _data_to_keys(restored["model"], "model", typed))
+        model = nnx.merge(m_graph, m_state)
         optimizer = None
         if abstract_optimizer is not None:
-            nnx.replace_by_pure_dict(o_state, restored["optimizer"])
+            nnx.replace_by_pure_dict(o_state, _data_to_keys(restored["optimizer"], "optimizer", typed))
             optimizer = nnx.merge(o_graph, o_state)
         rng = None
         if meta["rng"] is not None:
@@ -346,7 +433,35 @@ def _with_sharding(tree, sharding):
 
 
 def _is_typed_key(x) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree, prefix: str, impls: dict):
+    """Typed PRNG keys (concrete or abstract) -> their uint32 key data; ``impls`` gets
+    ``{"prefix/path": impl name}`` for each, so that they are re-wrapped on restore."""
+
+    def one(path, x):
+        if not _is_typed_key(x):
+            return x
+        if isinstance(x, jax.Array):
+            impl = str(jax.random.key_impl(x))
+        else:  # abstract: jax.random.key_impl takes no ShapeDtypeStruct; the key dtype knows its impl
+            impl = str(x.dtype._impl.name)
+        impls[f"{prefix}/{_path_str(path)}"] = _impl_name(impl)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            data = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=None)
+        return jax.random.key_data(x)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _data_to_keys(tree, prefix: str, impls: dict):
+    def one(path, x):
+        impl = impls.get(f"{prefix}/{_path_str(path)}")
+        return x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def _rng_to_data(rng):

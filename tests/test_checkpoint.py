@@ -1,6 +1,8 @@
 """Orbax training checkpoints: bit-exact round trip, restore onto an abstract model with a
 target sharding, SIGKILL mid-save and resume, damaged checkpoints detected and skipped."""
 
+import errno
+import json
 import os
 import shutil
 import signal
@@ -16,8 +18,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import orbax.checkpoint as ocp
+
 import mamba_jax as mj
-from mamba_jax.checkpoint import CheckpointManager, CorruptCheckpointError
+from mamba_jax.checkpoint import CheckpointManager, CheckpointVersionError, CorruptCheckpointError, is_damage
 from mamba_jax.train import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,6 +204,173 @@ def test_interrupted_save_directory_is_ignored_and_reported(tmp_path):
     assert ckpt.all_steps() == [1, 2, 3]
     assert ckpt.restore(*nnx.eval_shape(_make)).step == 3
     assert not partial.exists()
+
+
+# --------------------------------------------------------------------------- failures are classified
+
+
+def _untouched(path, steps=(1, 2, 3)):
+    assert CheckpointManager(path).all_steps() == list(steps)
+    assert not any(p.name.startswith("_corrupted_") for p in path.iterdir())
+
+
+def _failing_array_reads(monkeypatch, exc):
+    """Make the inner Orbax manager raise ``exc`` when arrays (not the metadata) are read."""
+    real = ocp.CheckpointManager.restore
+
+    def restore(self, step, *args, **kwargs):
+        composite = kwargs.get("args")
+        if composite is not None and "model" in composite.keys():
+            raise exc
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+
+
+def _wrapped(inner: BaseException) -> Exception:
+    """What Orbax raises around a TensorStore failure: a bare Exception caused by it."""
+    try:
+        try:
+            raise inner
+        except BaseException as e:
+            raise Exception("Encountered error while reading array index: (slice(0, 64, 1),)") from e
+    except Exception as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.EIO, "Input/output error"),
+        PermissionError(errno.EACCES, "Permission denied"),
+        MemoryError("out of host memory"),
+        _wrapped(OSError(errno.ETIMEDOUT, "Connection timed out")),
+        _wrapped(ValueError('UNAVAILABLE: Error reading "x/0.0" in OCDBT database: connection reset')),
+        _wrapped(ValueError("RESOURCE_EXHAUSTED: out of memory while allocating 1.2GiB")),
+        ValueError("One of pjit outputs was given the sharding of NamedSharding(mesh=..., spec=P('data',)), "
+                   "which implies that the global size of its dimension 0 should be divisible by 3"),
+    ],
+    ids=["EIO", "EACCES", "MemoryError", "wrapped-ETIMEDOUT", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "sharding"],
+)
+def test_transient_failure_during_restore_propagates_and_moves_nothing(tmp_path, monkeypatch, exc):
+    _save_three(tmp_path)
+    _failing_array_reads(monkeypatch, exc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "corrupted" warning either
+        with pytest.raises(type(exc)) as info:
+            CheckpointManager(tmp_path).restore(*nnx.eval_shape(_make))
+    assert info.value is exc  # unchanged, not wrapped
+    monkeypatch.undo()
+    _untouched(tmp_path)
+    assert CheckpointManager(tmp_path).restore(*nnx.eval_shape(_make)).step == 3  # the storage came back
+
+
+def test_transient_failure_reading_metadata_propagates(tmp_path, monkeypatch):
+    _save_three(tmp_path)
+    real = ocp.CheckpointManager.restore
+
+    def restore(self, step, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+    with pytest.raises(OSError, match="Input/output error"):
+        CheckpointManager(tmp_path).restore(*nnx.eval_shape(_make))
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", real)
+    _untouched(tmp_path)
+
+
+def test_reported_damage_in_the_chain_moves_the_step_aside(tmp_path, monkeypatch):
+    _save_three(tmp_path)
+    damage = _wrapped(ValueError('DATA_LOSS: Error reading "layers.0.mixer.A_log/0.0": checksum mismatch'))
+    real = ocp.CheckpointManager.restore
+
+    def restore(self, step, *args, **kwargs):
+        composite = kwargs.get("args")
+        if step == 3 and composite is not None and "model" in composite.keys():
+            raise damage
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+    with pytest.warns(UserWarning, match="checkpoint step 3 .* unreadable or corrupted"):
+        restored = CheckpointManager(tmp_path).restore(*nnx.eval_shape(_make))
+    assert restored.step == 2
+    assert [p.name.split("_")[2] for p in CheckpointManager(tmp_path).damaged_steps()] == ["3"]
+
+
+def test_is_damage_needs_positive_evidence():
+    assert is_damage(CorruptCheckpointError("fingerprints differ"))
+    assert is_damage(FileNotFoundError(errno.ENOENT, "no such file"))
+    assert is_damage(_wrapped(ValueError("OUT_OF_RANGE: Requested byte range [0, 9) is not valid")))
+    assert is_damage(json.JSONDecodeError("Expecting value", "{", 0))
+    assert not is_damage(Exception("something nobody classified"))
+    assert not is_damage(KeyError("model"))
+    # a transient cause wins over a damage-looking message around it
+    assert not is_damage(_wrapped(OSError(errno.EIO, "DATA_LOSS? no: the disk went away")))
+
+
+def test_other_format_version_raises_and_moves_nothing(tmp_path):
+    _save_three(tmp_path)
+    meta_file = tmp_path / "3" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["format_version"] = 99
+    meta_file.write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointVersionError, match=r"step 3 .* format_version=99"):
+            CheckpointManager(tmp_path).restore(*nnx.eval_shape(_make))
+    _untouched(tmp_path)
+
+
+def test_unparsable_metadata_is_damage(tmp_path):
+    _save_three(tmp_path)
+    (tmp_path / "3" / "meta" / "metadata").write_text('{"format_version": 2, "step"')  # torn
+    with pytest.warns(UserWarning, match="checkpoint step 3 .* unreadable or corrupted"):
+        assert CheckpointManager(tmp_path).restore(*nnx.eval_shape(_make)).step == 2
+
+
+# --------------------------------------------------------------------------- every variable
+
+
+class _Counted(nnx.Module):
+    """A model with variables that are not parameters: a BatchStat, a counter and an RNG stream."""
+
+    def __init__(self, *, rngs, extras=True):
+        self.lm = mj.MambaLM(CFG, rngs=rngs)
+        if extras:
+            self.running = nnx.BatchStat(jnp.zeros((3,), jnp.float32))
+            self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
+            self.rngs = nnx.Rngs(dropout=7)
+
+
+def test_every_non_param_variable_is_saved_and_restored(tmp_path):
+    model = _Counted(rngs=nnx.Rngs(0))
+    model.running[...] = jnp.asarray([1.5, -2.0, 3.25], jnp.float32)
+    model.calls[...] = jnp.asarray(41, jnp.int32)
+    model.rngs.dropout()
+    model.rngs.dropout()
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, model)
+    restored = CheckpointManager(tmp_path).restore(nnx.eval_shape(lambda: _Counted(rngs=nnx.Rngs(3))))
+    got = restored.model
+    np.testing.assert_array_equal(got.running[...], [1.5, -2.0, 3.25])
+    assert int(got.calls[...]) == 41
+    assert int(got.rngs.dropout.count[...]) == 2
+    assert jax.random.key_impl(got.rngs.dropout.key[...]) == jax.random.key_impl(model.rngs.dropout.key[...])
+    np.testing.assert_array_equal(jax.random.key_data(got.rngs.dropout()), jax.random.key_data(model.rngs.dropout()))
+    _assert_same(got.lm, model.lm)
+
+
+def test_a_variable_missing_from_the_checkpoint_or_the_target_is_an_error(tmp_path):
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, _Counted(rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"does not match checkpoint step 1.*model/calls: saved int32\[\], target None"):
+        CheckpointManager(tmp_path).restore(nnx.eval_shape(lambda: _Counted(rngs=nnx.Rngs(0), extras=False)))
+    other = tmp_path / "plain"
+    with CheckpointManager(other) as ckpt:
+        ckpt.save(1, _Counted(rngs=nnx.Rngs(0), extras=False))
+    with pytest.raises(ValueError, match=r"does not match checkpoint step 1.*model/calls: saved None, target int32\[\]"):
+        CheckpointManager(other).restore(nnx.eval_shape(lambda: _Counted(rngs=nnx.Rngs(0))))
+    assert CheckpointManager(other).all_steps() == [1]
 
 
 # --------------------------------------------------------------------------- SIGKILL
