@@ -25,7 +25,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -259,6 +262,9 @@ class Trainer:
     ``checkpoint_every > 0``, checkpoints model, optimizer, step and RNG key to
     ``workdir/checkpoints``; :meth:`fit` first resumes from the latest checkpoint there
     (dropping metric records written after it) and continues the same trajectory.
+    When the checkpoint directory holds no intact step but steps that were moved aside
+    as damaged (``_corrupted_*``), :meth:`fit` refuses to start again from step 0 and
+    raises a RuntimeError naming them; ``fit(..., allow_fresh_start=True)`` overrides.
 
     Args:
       model: an NNX model mapping (b, l) ids to (b, l, v) logits; trained in place.
@@ -307,13 +313,23 @@ class Trainer:
         """Write the latest (donated, functional) state back into model and optimizer."""
         nnx.update((self.model, self.optimizer), self._state)
 
-    def restore(self) -> bool:
-        """Resume from the latest checkpoint in the workdir; False if there is none."""
+    def restore(self, *, allow_fresh_start: bool = False) -> bool:
+        """Resume from the latest checkpoint in the workdir; False if there is none.
+
+        Raises a RuntimeError instead of returning False when the checkpoint directory
+        holds steps moved aside as damaged, unless ``allow_fresh_start``."""
         if self._checkpoints is None:
             return False
         self._sync()
         restored = self._checkpoints.restore(self.model, self.optimizer)
         if restored is None:
+            damaged = self._checkpoints.damaged_steps()
+            if damaged and not allow_fresh_start:
+                raise RuntimeError(
+                    f"{self._checkpoints.directory} holds no intact checkpoint but steps moved aside as damaged: "
+                    f"{[p.name for p in damaged]}; refusing to start again from step 0. Inspect or delete them, "
+                    "or pass fit(..., allow_fresh_start=True) to train from scratch anyway"
+                )
             return False
         nnx.update(self.model, nnx.state(restored.model))
         nnx.update(self.optimizer, nnx.state(restored.optimizer))
@@ -339,15 +355,21 @@ class Trainer:
         batch_fn: Callable[[int], Mapping[str, Array]],
         *,
         eval_fn: Callable[[nnx.Module], Mapping[str, float]] | None = None,
+        allow_fresh_start: bool = False,
     ) -> list[dict]:
         """Train from the current (or restored) step to ``total_steps``; returns every
         metric record of this call (train records every ``log_every`` steps, eval records
-        every ``eval_every`` steps and at the end), as also appended to ``metrics.jsonl``."""
+        every ``eval_every`` steps and at the end), as also appended to ``metrics.jsonl``.
+
+        ``allow_fresh_start``: train from step 0 even when the checkpoint directory
+        holds only steps moved aside as damaged (by default a RuntimeError names them)."""
         cfg = self.config
         if cfg.eval_every and eval_fn is None:
             raise ValueError(f"TrainConfig.eval_every={cfg.eval_every} needs an eval_fn")
-        if self.restore():
+        if self.restore(allow_fresh_start=allow_fresh_start):
             print(f"{self.description}: resumed from step {self.step} in {self.workdir}", flush=True)
+        else:
+            self._truncate_metrics(self.step)  # records of an earlier run past this start
         history: list[dict] = []
         bar = None
         if self.progress:
@@ -420,13 +442,13 @@ class Trainer:
         return record
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop records past ``step`` (written after the checkpoint we resumed from)."""
+        """Drop records past ``step`` (written after the checkpoint we resumed from) and a
+        torn last line; the file is replaced atomically (a crash leaves the old or the new)."""
         path = self.metrics_path
         if path is None or not path.exists():
             return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        records = read_metrics(path)
+        _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
 
 
 @functools.lru_cache(maxsize=32)
@@ -444,6 +466,33 @@ def _pure_train_step(graphdef, accum_steps, state, batch):
 
 
 def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file, optionally only one ``split``."""
-    records = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of a ``metrics.jsonl`` file, optionally only one ``split``.
+
+    A last line that is not valid JSON (a write torn by a crash) is dropped with a
+    warning; an invalid line anywhere else is a ValueError naming it."""
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if any(rest.strip() for rest in lines[i + 1 :]):
+                raise ValueError(f"{path}: line {i + 1} is not valid JSON ({err}): {line[:80]!r}") from None
+            warnings.warn(f"{path}: dropping a torn last line {i + 1} ({line[:80]!r})", stacklevel=2)
     return [r for r in records if split is None or r["split"] == split]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, flush it to disk, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,5 +1,7 @@
 """Training: cross-entropy, the train step, the Trainer (accumulation, metrics, resume), the demo's smoke run."""
 
+import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -145,3 +147,66 @@ def test_trainer_rejects_bad_configuration(tmp_path):
         _trainer(tmp_path, eval_every=5).fit(_batch_fn)
     with pytest.raises(ValueError, match="grad_accum_steps=3"):
         _trainer(tmp_path, grad_accum_steps=3).fit(_batch_fn)
+
+
+def test_fit_refuses_to_start_over_when_only_damaged_checkpoints_remain(tmp_path):
+    trainer = _trainer(tmp_path, total_steps=4, checkpoint_every=2)
+    trainer.fit(_batch_fn)
+    trainer.close()
+    ckpt_dir = tmp_path / "checkpoints"
+    for step in (2, 4):  # as restore() leaves them when every step was damaged
+        (ckpt_dir / str(step)).rename(ckpt_dir / f"_corrupted_{step}_1700000000")
+    fresh = _trainer(tmp_path, total_steps=4, checkpoint_every=2)
+    with pytest.raises(RuntimeError, match=r"_corrupted_2_1700000000.*_corrupted_4_1700000000.*allow_fresh_start=True"):
+        fresh.fit(_batch_fn)
+    assert fresh.step == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]  # nothing rewritten
+    history = fresh.fit(_batch_fn, allow_fresh_start=True)
+    fresh.close()
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_metrics_survive_a_torn_last_line_on_resume(tmp_path):
+    first = _trainer(tmp_path, total_steps=4, checkpoint_every=2)
+    first.fit(_batch_fn)
+    first.close()
+    metrics = tmp_path / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "split": "train", "lo')  # a crash mid-write
+    with pytest.warns(UserWarning, match="torn last line 5"):
+        assert [r["step"] for r in read_metrics(metrics)] == [1, 2, 3, 4]
+    resumed = _trainer(tmp_path, total_steps=6, checkpoint_every=2)
+    with pytest.warns(UserWarning, match="torn last line"):
+        rest = resumed.fit(_batch_fn)
+    resumed.close()
+    assert [r["step"] for r in rest] == [5, 6]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_metrics_damaged_before_the_last_line_is_an_error(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "split": "train"}\n{"step": 2, "spl\n{"step": 3, "split": "train"}\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        read_metrics(path)
+
+
+def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
+    first = _trainer(tmp_path, total_steps=4, checkpoint_every=2)
+    first.fit(_batch_fn)
+    first.close()
+    metrics = tmp_path / "metrics.jsonl"
+    before = metrics.read_bytes()
+    replaced = []
+
+    def failing_replace(src, dst):
+        replaced.append((pathlib.Path(src), pathlib.Path(dst)))
+        raise OSError("disk full")  # the crash between writing the new file and renaming it
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        _trainer(tmp_path, total_steps=6, checkpoint_every=2).fit(_batch_fn)
+    (src, dst), = replaced
+    assert dst == metrics and src.parent == tmp_path and src != metrics
+    assert metrics.read_bytes() == before  # the old file, whole
+    assert not src.exists()  # and no temporary file left behind
