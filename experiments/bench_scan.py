@@ -79,7 +79,7 @@ def scan_fn(impl, block_sizes=None):
         def f(a):
             return selective_scan_pallas(
                 a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True, None,
-                block_sizes=block_sizes,
+                block_sizes=block_sizes, platform="gpu",
             )
 
         return f

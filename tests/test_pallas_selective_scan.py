@@ -165,7 +165,8 @@ def test_state_interval():
 
     def states_kernel(u):
         return selective_scan_pallas(
-            u, delta, A, B, C, D, None, bias, True, h0, block_sizes=bs, state_interval=K, interpret=True
+            u, delta, A, B, C, D, None, bias, True, h0, block_sizes=bs, state_interval=K, platform="tpu",
+            interpret=True,
         )[2]
 
     def states_ref(u):
@@ -186,45 +187,77 @@ def test_state_interval():
 CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 
-@pytest.mark.parametrize("impl", ["pallas", "auto"])
+def _export(fn, platform, *shapes):
+    checks = [export.DisabledSafetyCheck.custom_call(name) for name in CUSTOM_CALLS.values()]
+    return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*shapes)
+
+
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_lowers_for_hardware(platform, impl):
-    """The public function exports for TPU / CUDA from a CPU-only machine, forward
-    and backward, and the exported module holds the kernel's custom call."""
+def test_lowers_for_hardware(platform):
+    """impl="pallas" exports for TPU / CUDA from a CPU-only machine, forward and
+    backward, and the exported module holds the kernel's custom call."""
     b, l, d, n, g = 2, 100, 256, 16, 2
     args = make_scan_inputs(0, b, l, d, n, g, dtype=jnp.bfloat16)
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in args.items()}
 
     def f(a):
-        return mj.ops.selective_scan(**a, delta_softplus=True, return_final_state=True, impl=impl)
+        return mj.ops.selective_scan(**a, delta_softplus=True, return_final_state=True, impl="pallas")
 
     def loss(a):
         y, h = f(a)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     name = CUSTOM_CALLS[platform]
-    checks = [export.DisabledSafetyCheck.custom_call(name)]
-    fwd = export.export(jax.jit(f), platforms=[platform], disabled_checks=checks)(shapes)
-    assert name in fwd.mlir_module()
+    fwd = _export(f, platform, shapes)
+    assert fwd.mlir_module().count(name) == 1
     assert [o.shape for o in fwd.out_avals] == [(b, l, d), (b, d, n)]
-    if impl == "auto":
-        return  # the backward of the same kernels is checked with impl="pallas"
-    bwd = export.export(jax.jit(jax.grad(loss)), platforms=[platform], disabled_checks=checks)(shapes)
-    assert bwd.mlir_module().count(name) >= 2  # forward and backward kernels
+    bwd = _export(jax.grad(loss), platform, shapes)
+    assert bwd.mlir_module().count(name) == 2  # forward and backward kernels
+
+
+# (platform, n, l) -> the kernel auto embeds (None: an XLA implementation).
+AUTO_EMBEDS = {
+    ("tpu", 16, 64): "tpu", ("tpu", 64, 100): "tpu", ("tpu", 128, 64): "tpu",
+    ("tpu", 32, 100): None, ("tpu", 16, 1): None, ("tpu", 16, 63): None,
+    ("cuda", 16, 100): "cuda", ("cuda", 64, 100): None, ("cuda", 16, 1): None, ("cuda", 16, 30): None,
+}
+
+
+@pytest.mark.parametrize("platform, n, l", list(AUTO_EMBEDS))
+def test_auto_embeds_exactly_the_verified_kernel(platform, n, l):
+    """What impl="auto" puts in a function exported for each platform: the kernel
+    of that platform for verified state sizes and lengths of at least one block,
+    no kernel at all (the plain recurrence, or chunked) otherwise; never the other
+    platform's kernel, never more than one."""
+    args = make_scan_inputs(1, 1, l, 128, n, None)
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in args.items()}
+    f = lambda a: mj.ops.selective_scan(**a, delta_softplus=True, return_final_state=True)
+    text = _export(f, platform, shapes).mlir_module()
+    counts = {p: text.count(name) for p, name in CUSTOM_CALLS.items()}
+    expected = AUTO_EMBEDS[(platform, n, l)]
+    assert counts == {p: int(p == expected) for p in CUSTOM_CALLS}, counts
 
 
 def test_auto_policy():
-    assert mj.ops.resolve_impl("cpu", 16) == "sequential"
-    assert mj.ops.resolve_impl("tpu", 16) == "pallas"
-    assert mj.ops.resolve_impl("cuda", 16) == "pallas"
-    assert mj.ops.resolve_impl("cuda", 1024) == mj.ops.resolve_impl("cpu", 1024)
+    resolve = mj.ops.resolve_impl
+    assert resolve("cpu", 16, 4096) == "sequential"
+    for backend in ("tpu", "cuda", "gpu"):
+        assert resolve(backend, 16, 4096) == "pallas"
+        assert resolve(backend, 16, 1) == "step"
+        assert resolve(backend, 16, 63) == "sequential"
+        assert resolve(backend, 1024, 4096) == "chunked"
+    assert resolve("tpu", 64, 4096) == resolve("tpu", 128, 4096) == "pallas"
+    assert resolve("cuda", 64, 4096) == "chunked"  # the GPU kernel ran on hardware at n = 16 only
+    assert resolve("gpu", 16, 4096, compute_capability="7.5") == "chunked"  # T4: no Triton kernel
+    assert resolve("gpu", 16, 4096, compute_capability="9.0") == "pallas"
+    assert resolve("rocm", 16, 4096) == "chunked"
 
 
 def test_errors_name_the_argument():
     args = make_scan_inputs(1, 1, 5, 8, 4, None)
     arrays = _split(args)
     with pytest.raises(ValueError, match="state_interval"):
-        selective_scan_pallas(*arrays[:8], True, arrays[8], state_interval=12)
+        selective_scan_pallas(*arrays[:8], True, arrays[8], platform="tpu", state_interval=12)
     with pytest.raises(ValueError, match="tpu_block_d"):
         SelectiveScanBlockSizes(tpu_block_d=100)
     with pytest.raises(ValueError, match="gpu_block_d"):
@@ -236,3 +269,8 @@ def test_errors_name_the_argument():
     big = make_scan_inputs(1, 1, 5, 8, 200, None)
     with pytest.raises(ValueError, match="n=200"):
         mj.ops.selective_scan(**big, impl="pallas")
+    with pytest.raises(ValueError, match="tpu_block_d=1024"):  # over the VMEM budget, before lowering
+        selective_scan_pallas(**make_scan_inputs(1, 1, 5, 8, 128, None), platform="tpu",
+                              block_sizes=SelectiveScanBlockSizes(tpu_block_d=1024))
+    with pytest.raises(ValueError, match="B must have shape"):  # the dispatcher's validator
+        selective_scan_pallas(*arrays[:3], arrays[3][:, :4], *arrays[4:8], True, arrays[8], platform="tpu")

@@ -1,6 +1,20 @@
 """Pure functions (no modules): the selective scan dispatcher and the causal conv."""
 
 from mamba_jax.ops.conv1d import causal_conv1d, causal_conv1d_step
-from mamba_jax.ops.selective_scan import IMPLS, resolve_impl, selective_scan
+from mamba_jax.ops.selective_scan import (
+    IMPLS,
+    VERIFIED_STATE_SIZES,
+    resolve_impl,
+    selective_scan,
+    selective_state_update,
+)
 
-__all__ = ["selective_scan", "resolve_impl", "IMPLS", "causal_conv1d", "causal_conv1d_step"]
+__all__ = [
+    "selective_scan",
+    "selective_state_update",
+    "resolve_impl",
+    "IMPLS",
+    "VERIFIED_STATE_SIZES",
+    "causal_conv1d",
+    "causal_conv1d_step",
+]

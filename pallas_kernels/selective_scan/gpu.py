@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.selective_scan.vjp import kernel_scan
+from pallas_kernels.selective_scan.vjp import Present, kernel_scan
 
 _F32 = jnp.float32
 
@@ -128,7 +128,7 @@ def _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0):
         if x is not None:
             args.append(x)
             specs.append(s)
-    has = tuple(x is not None for x in (D, z, bias, h0))
+    has = Present.of(D, z, bias, h0)
     kernel = functools.partial(_forward_kernel, cfg=cfg, has=has, num_chunks=nc)
     return pl.pallas_call(
         kernel,
@@ -159,7 +159,7 @@ def _backward_call(cfg, u, dt, A, B, C, D, z, bias, st, dy, dhT, dst):
         if x is not None:
             args.append(x)
             specs.append(s)
-    has = tuple(x is not None for x in (D, z, bias, dst))
+    has = Present.of(D, z, bias, dst)
     part_seq = pl.BlockSpec((None, None, L, N), lambda i, j: (i, j, 0, 0))
     part_chan = pl.BlockSpec((None, W), lambda i, j: (i, j))
     part_chan_n = pl.BlockSpec((None, W, N), lambda i, j: (i, j, 0))
@@ -234,20 +234,19 @@ def _unroll(cfg) -> int:
 
 def _forward_kernel(*refs, cfg, has, num_chunks):
     u_ref, dt_ref, A_ref, B_ref, C_ref, *rest = refs
-    has_D, has_z, has_bias, has_h0 = has
-    D_ref = rest.pop(0) if has_D else None
-    z_ref = rest.pop(0) if has_z else None
-    bias_ref = rest.pop(0) if has_bias else None
-    h0_ref = rest.pop(0) if has_h0 else None
+    D_ref = rest.pop(0) if has.D else None
+    z_ref = rest.pop(0) if has.z else None
+    bias_ref = rest.pop(0) if has.bias else None
+    h0_ref = rest.pop(0) if has.state else None
     y_ref, st_ref, hT_ref = rest
     T = cfg.block_l
     G = _unroll(cfg)
 
     A = A_ref[...].astype(_F32)
-    Dv = D_ref[...].astype(_F32) if has_D else None
-    bias = bias_ref[...].astype(_F32) if has_bias else None
-    h = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros(A.shape, _F32)
-    row_refs = [u_ref, dt_ref, B_ref, C_ref] + ([z_ref] if has_z else [])
+    Dv = D_ref[...].astype(_F32) if has.D else None
+    bias = bias_ref[...].astype(_F32) if has.bias else None
+    h = h0_ref[...].astype(_F32) if has.state else jnp.zeros(A.shape, _F32)
+    row_refs = [u_ref, dt_ref, B_ref, C_ref] + ([z_ref] if has.z else [])
 
     def chunk(c, h):
         st_ref[c, :, :] = h
@@ -261,9 +260,9 @@ def _forward_kernel(*refs, cfg, has, num_chunks):
                 dt, _ = _dt_of(cfg, t, raw, bias)
                 h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
                 y = jnp.sum(h * Ct[None, :], axis=1)
-                if has_D:
+                if has.D:
                     y = y + Dv * u
-                if has_z:
+                if has.z:
                     zt = rows[k][4].astype(_F32)
                     y = y * (zt * _sigmoid(zt))
                 y_ref[t, :] = y.astype(y_ref.dtype)
@@ -277,23 +276,22 @@ def _forward_kernel(*refs, cfg, has, num_chunks):
 
 def _backward_kernel(*refs, cfg, has, num_chunks):
     u_ref, dt_ref, A_ref, B_ref, C_ref, st_ref, dy_ref, dhT_ref, *rest = refs
-    has_D, has_z, has_bias, has_dst = has
-    D_ref = rest.pop(0) if has_D else None
-    z_ref = rest.pop(0) if has_z else None
-    bias_ref = rest.pop(0) if has_bias else None
-    dst_ref = rest.pop(0) if has_dst else None
+    D_ref = rest.pop(0) if has.D else None
+    z_ref = rest.pop(0) if has.z else None
+    bias_ref = rest.pop(0) if has.bias else None
+    dst_ref = rest.pop(0) if has.state else None
     du_ref, ddt_ref, dA_ref, dB_ref, dC_ref, dh0_ref, hbuf_ref, *rest = rest
-    dz_ref = rest.pop(0) if has_z else None
-    dD_ref = rest.pop(0) if has_D else None
+    dz_ref = rest.pop(0) if has.z else None
+    dD_ref = rest.pop(0) if has.D else None
     T = cfg.block_l
     G = _unroll(cfg)
 
     A = A_ref[...].astype(_F32)
-    Dv = D_ref[...].astype(_F32) if has_D else None
-    bias = bias_ref[...].astype(_F32) if has_bias else None
+    Dv = D_ref[...].astype(_F32) if has.D else None
+    bias = bias_ref[...].astype(_F32) if has.bias else None
     W = A.shape[0]
     fwd_refs = [u_ref, dt_ref, B_ref]
-    bwd_refs = [u_ref, dt_ref, B_ref, C_ref, dy_ref] + ([z_ref] if has_z else [])
+    bwd_refs = [u_ref, dt_ref, B_ref, C_ref, dy_ref] + ([z_ref] if has.z else [])
 
     def chunk(r, carry):
         dh, dA_acc, dD_acc = carry
@@ -328,11 +326,11 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
                 h_prev = hs[k - 1] if k > 0 else h_before
                 u, raw, Bt, Ct, dy = (x.astype(_F32) for x in rows[k][:5])
                 dt, raw = _dt_of(cfg, t, raw, bias)
-                if has_z:
+                if has.z:
                     zt = rows[k][5].astype(_F32)
                     sig = _sigmoid(zt)
                     y_pre = jnp.sum(h * Ct[None, :], axis=1)
-                    if has_D:
+                    if has.D:
                         y_pre = y_pre + Dv * u
                     dz = dy * y_pre * sig * (1.0 + zt * (1.0 - sig))
                     dz_ref[t, :] = dz.astype(dz_ref.dtype)
@@ -346,7 +344,7 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
                 dhB = jnp.sum(dh * Bt[None, :], axis=1)
                 ddt = jnp.sum(dh_decay * A, axis=1) + dhB * u
                 du = dhB * dt
-                if has_D:
+                if has.D:
                     du = du + gy * Dv
                     dD_acc = dD_acc + gy * u
                 dB_ref[t, :] = jnp.sum(dh * (dt * u)[:, None], axis=0)
@@ -361,7 +359,7 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
             return dh, dA_acc, dD_acc
 
         dh, dA_acc, dD_acc = lax.fori_loop(0, T // G, bwd_group, (dh, dA_acc, dD_acc))
-        if has_dst:
+        if has.state:
             dh = dh + dst_ref[c, :, :]
         return dh, dA_acc, dD_acc
 
@@ -370,7 +368,7 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
     dh, dA_acc, dD_acc = lax.fori_loop(0, num_chunks, chunk, (dh, zeros, jnp.zeros((W,), _F32)))
     dh0_ref[...] = dh
     dA_ref[...] = dA_acc
-    if has_D:
+    if has.D:
         dD_ref[...] = dD_acc
 
 

@@ -1,17 +1,15 @@
-"""Public entry point of the Pallas selective scan: padding, platform choice.
+"""Public entry point of the Pallas selective scan: validation, padding, cropping.
 
 ``selective_scan_pallas`` takes the user layout (the one of
 ``mamba_jax.ops.selective_scan``), pads time with identity steps (the kernels
 zero the step size of every padded step, which is exact with or without the
-softplus) and each group's channels to the channel tile, runs the platform's
-kernel (whose ``custom_vjp`` lives beside it in tpu.py / gpu.py) and crops.
-Autodiff of the padding and cropping is plain XLA.
+softplus) and each group's channels to the channel tile, runs the kernel of
+the platform it is given (``tpu.py`` / ``gpu.py``) and crops. Autodiff of the
+padding and cropping is plain XLA.
 
-Platform choice: with ``platform=None`` one ``jax.lax.platform_dependent``
-carries three branches, chosen when the computation is lowered: the Mosaic
-kernel on TPU, the Triton kernel on CUDA and ROCm, and on every other platform
-(CPU) the TPU kernel in interpret mode. So ``jax.export`` from a CPU machine
-for ``platforms=["tpu"]`` or ``["cuda"]`` holds the real kernel.
+The platform is an argument, never re-derived here: the dispatcher
+(``mamba_jax.ops.selective_scan``) decides it once per platform and passes it
+down, so a lowered function carries exactly one kernel per platform.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from pallas_kernels.selective_scan.block_sizes import (
     _round_up,
 )
 from pallas_kernels.selective_scan.gpu import GpuScanConfig, selective_scan_gpu
+from pallas_kernels.selective_scan.reference import validate
 from pallas_kernels.selective_scan.tpu import TpuScanConfig, selective_scan_tpu
 
 _F32 = jnp.float32
@@ -46,9 +45,9 @@ def selective_scan_pallas(
     delta_softplus=False,
     initial_state=None,
     *,
+    platform: str,
     block_sizes: SelectiveScanBlockSizes | None = None,
-    platform: str | None = None,
-    interpret=None,
+    interpret=False,
     state_interval: int | None = None,
 ):
     """Selective scan with the state kept on chip (Pallas kernels).
@@ -58,12 +57,10 @@ def selective_scan_pallas(
       D, delta_bias: optional (d,). z: optional gate (b, l, d).
       delta_softplus: apply softplus to ``delta + delta_bias`` (in the kernel).
       initial_state: optional (b, d, n).
+      platform: ``"tpu"`` (the Mosaic kernel) or ``"gpu"`` (the Triton kernel).
       block_sizes: tiling; defaults to ``SelectiveScanBlockSizes()``.
-      platform: None (choose per platform at lowering time), ``"tpu"`` (the
-        Mosaic kernel) or ``"gpu"`` (the Triton kernel).
-      interpret: None (interpret only on CPU), or a value passed to
-        ``pallas_call(interpret=...)`` of the chosen kernel(s): True, or for
-        the TPU kernel a ``pltpu.InterpretParams``.
+      interpret: passed to ``pallas_call(interpret=...)``: False (compile for the
+        hardware), True, or for the TPU kernel a ``pltpu.InterpretParams``.
       state_interval: if set, also return the states after every
         ``state_interval`` steps, (b, l // state_interval, d, n) float32;
         must be a multiple of ``block_sizes.block_l`` (the kernel saves the
@@ -77,36 +74,22 @@ def selective_scan_pallas(
     bs = block_sizes if block_sizes is not None else SelectiveScanBlockSizes()
     if not isinstance(bs, SelectiveScanBlockSizes):
         raise TypeError(f"block_sizes must be a SelectiveScanBlockSizes, got {type(bs).__name__}")
-    if platform is not None and platform not in PLATFORMS:
-        raise ValueError(f"{platform=} must be None or one of {PLATFORMS}")
-    if B.ndim == 3:
-        B = B[:, :, None, :]
-    if C.ndim == 3:
-        C = C[:, :, None, :]
-    b, l, d = u.shape
-    n = A.shape[1]
-    g = B.shape[2]
-    if l < 1:
-        raise ValueError(f"u must have at least one time step, got {u.shape=}")
-    if d % g:
-        raise ValueError(f"the number of groups g={g} of B and C must divide d={d}")
+    if platform not in PLATFORMS:
+        raise ValueError(f"{platform=} must be one of {PLATFORMS}")
+    B, C = validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    n, g = A.shape[1], B.shape[2]
     if n > MAX_STATE_SIZE:
         raise ValueError(f"state size n={n} is larger than the Pallas kernels support ({MAX_STATE_SIZE})")
+    if platform == "tpu":
+        bs.tpu_tile(u.shape[2] // g, n)  # raises here, before lowering, for a tile over the VMEM budget
     if state_interval is not None:
         if not isinstance(state_interval, int) or state_interval < 1:
             raise ValueError(f"{state_interval=} must be a positive int")
         if state_interval % bs.block_l:
             raise ValueError(f"{state_interval=} must be a multiple of block_l={bs.block_l}")
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    kw = dict(bs=bs, softplus=bool(delta_softplus), state_interval=state_interval)
-    if platform is not None:
-        return _run(platform, interpret or False, *args, **kw)
-    return jax.lax.platform_dependent(
-        *args,
-        tpu=lambda *a: _run("tpu", interpret or False, *a, **kw),
-        cuda=lambda *a: _run("gpu", interpret or False, *a, **kw),
-        rocm=lambda *a: _run("gpu", interpret or False, *a, **kw),
-        default=lambda *a: _run("tpu", True if interpret is None else interpret, *a, **kw),
+    return _run(
+        platform, interpret, u, delta, A, B, C, D, z, delta_bias, initial_state,
+        bs=bs, softplus=bool(delta_softplus), state_interval=state_interval,
     )
 
 
@@ -118,7 +101,7 @@ def _run(platform, interpret, u, delta, A, B, C, D, z, bias, h0, *, bs, softplus
     p = d // g
     T = bs.block_l
     if platform == "tpu":
-        W = bs.tpu_tile(p)
+        W = bs.tpu_tile(p, n)
         N = n
     else:
         W = bs.gpu_tile(p)

@@ -20,6 +20,12 @@ across the time axis. dB_t and dC_t are reduced over the tile's channels and
 stored as SMEM scalars (per-tile partials, summed over tiles in XLA); dA, dD
 accumulate in VMEM and are written once per tile.
 
+VMEM: the backward's recompute buffer (block_l, n, S, 128) dominates; the
+default tile is derived from n against a 12 MiB budget under a 16 MiB
+``vmem_limit_bytes`` (the arithmetic is in block_sizes.py), so both passes
+compile on v4, v5e, v5p and v6e at n = 16, 64 and 128
+(tests/test_tpu_compile.py). Speed on TPU hardware has not been measured.
+
 Inputs of the padded layout (see ops.py): u, delta, z (b, L, Dp) float32;
 A (Dp, n); B, C (b, L, g, n); D, delta_bias (Dp,); h0 (b, Dp, n).
 bfloat16 inputs are cast to float32 by the wrapper before the kernel (a
@@ -39,7 +45,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.selective_scan.vjp import kernel_scan
+from pallas_kernels.selective_scan.block_sizes import TPU_VMEM_LIMIT_BYTES
+from pallas_kernels.selective_scan.vjp import Present, kernel_scan
 
 _F32 = jnp.float32
 
@@ -124,7 +131,13 @@ def _specs(cfg, n, nc, reverse):
 
 
 def _compiler_params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    # The block sizes are derived against this limit (block_sizes.py), which
+    # every target has: ask for it explicitly rather than rely on each
+    # generation's default scoped VMEM.
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "arbitrary"),
+        vmem_limit_bytes=TPU_VMEM_LIMIT_BYTES,
+    )
 
 
 def _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0):
@@ -137,7 +150,7 @@ def _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0):
         if x is not None:
             args.append(x)
             specs.append(s)
-    has = tuple(x is not None for x in (D, z, bias, h0))
+    has = Present.of(D, z, bias, h0)
     kernel = functools.partial(_forward_kernel, cfg=cfg, has=has, n=n)
     return pl.pallas_call(
         kernel,
@@ -168,7 +181,7 @@ def _backward_call(cfg, u, dt, A, B, C, D, z, bias, st, dy, dhT, dst):
         if x is not None:
             args.append(x)
             specs.append(s)
-    has = tuple(x is not None for x in (D, z, bias, dst))
+    has = Present.of(D, z, bias, dst)
     part_bc = pl.BlockSpec(
         (None, None, None, 1, T * n),
         lambda i, j, c: (i, j, nc - 1 - c, 0, 0),
@@ -238,35 +251,34 @@ def _step_inputs(cfg, s, t, u_ref, dt_ref, bias):
 
 def _forward_kernel(*refs, cfg, has, n):
     u_ref, dt_ref, A_ref, B_ref, C_ref, *rest = refs
-    has_D, has_z, has_bias, has_h0 = has
-    D_ref = rest.pop(0) if has_D else None
-    z_ref = rest.pop(0) if has_z else None
-    bias_ref = rest.pop(0) if has_bias else None
-    h0_ref = rest.pop(0) if has_h0 else None
+    D_ref = rest.pop(0) if has.D else None
+    z_ref = rest.pop(0) if has.z else None
+    bias_ref = rest.pop(0) if has.bias else None
+    h0_ref = rest.pop(0) if has.state else None
     y_ref, st_ref, hT_ref, h_scr = rest
     T = cfg.block_l
     c = pl.program_id(2)
 
     @pl.when(c == 0)
     def _init():
-        h_scr[...] = h0_ref[...] if has_h0 else jnp.zeros(h_scr.shape, _F32)
+        h_scr[...] = h0_ref[...] if has.state else jnp.zeros(h_scr.shape, _F32)
 
     st_ref[...] = h_scr[...]
     A = [A_ref[k] for k in range(n)]
-    Dv = D_ref[...] if has_D else None
-    bias = bias_ref[...] if has_bias else None
+    Dv = D_ref[...] if has.D else None
+    bias = bias_ref[...] if has.bias else None
 
     def step(s, hs):
         t = c * T + s
         u, dt, _ = _step_inputs(cfg, s, t, u_ref, dt_ref, bias)
         dtu = dt * u
-        y = Dv * u if has_D else jnp.zeros_like(u)
+        y = Dv * u if has.D else jnp.zeros_like(u)
         new = []
         for k in range(n):
             hk = jnp.exp(dt * A[k]) * hs[k] + dtu * B_ref[0, s * n + k]
             y = y + hk * C_ref[0, s * n + k]
             new.append(hk)
-        if has_z:
+        if has.z:
             zt = z_ref[s]
             y = y * (zt * _sigmoid(zt))
         y_ref[s] = y
@@ -283,14 +295,13 @@ def _forward_kernel(*refs, cfg, has, n):
 
 def _backward_kernel(*refs, cfg, has, n):
     u_ref, dt_ref, A_ref, B_ref, C_ref, st_ref, dy_ref, dhT_ref, *rest = refs
-    has_D, has_z, has_bias, has_dst = has
-    D_ref = rest.pop(0) if has_D else None
-    z_ref = rest.pop(0) if has_z else None
-    bias_ref = rest.pop(0) if has_bias else None
-    dst_ref = rest.pop(0) if has_dst else None
+    D_ref = rest.pop(0) if has.D else None
+    z_ref = rest.pop(0) if has.z else None
+    bias_ref = rest.pop(0) if has.bias else None
+    dst_ref = rest.pop(0) if has.state else None
     du_ref, ddt_ref, dA_ref, dB_ref, dC_ref, dh0_ref, *rest = rest
-    dz_ref = rest.pop(0) if has_z else None
-    dD_ref = rest.pop(0) if has_D else None
+    dz_ref = rest.pop(0) if has.z else None
+    dD_ref = rest.pop(0) if has.D else None
     dh_scr, hbuf, dA_scr, dD_scr = rest
     T = cfg.block_l
     c = pl.program_id(2)
@@ -303,8 +314,8 @@ def _backward_kernel(*refs, cfg, has, n):
         dD_scr[...] = jnp.zeros(dD_scr.shape, _F32)
 
     A = [A_ref[k] for k in range(n)]
-    Dv = D_ref[...] if has_D else None
-    bias = bias_ref[...] if has_bias else None
+    Dv = D_ref[...] if has.D else None
+    bias = bias_ref[...] if has.bias else None
 
     # 1. Recompute the block's states from its checkpoint, on chip.
     def fwd_step(s, hs):
@@ -330,10 +341,10 @@ def _backward_kernel(*refs, cfg, has, n):
         first = jnp.where(s == 0, 1.0, 0.0).astype(_F32)
         h = [hbuf[s, k] for k in range(n)]
         h_prev = [hbuf[sp, k] * (1.0 - first) + st_ref[k] * first for k in range(n)]
-        if has_z:
+        if has.z:
             zt = z_ref[s]
             sig = _sigmoid(zt)
-            y_pre = Dv * u if has_D else jnp.zeros_like(u)
+            y_pre = Dv * u if has.D else jnp.zeros_like(u)
             for k in range(n):
                 y_pre = y_pre + h[k] * C_ref[0, s * n + k]
             dz_ref[s] = dy * y_pre * sig * (1.0 + zt * (1.0 - sig))
@@ -356,7 +367,7 @@ def _backward_kernel(*refs, cfg, has, n):
             new.append(dhk * decay)
         ddt = ddt + dhB * u
         du = dhB * dt
-        if has_D:
+        if has.D:
             du = du + gy * Dv
             dD_scr[...] = dD_scr[...] + gy * u
         if cfg.seq_len % cfg.block_l:
@@ -369,13 +380,13 @@ def _backward_kernel(*refs, cfg, has, n):
 
     dhs = lax.fori_loop(0, T, bwd_step, tuple(dh_scr[k] for k in range(n)))
     for k in range(n):
-        dh_scr[k] = dhs[k] + dst_ref[k] if has_dst else dhs[k]
+        dh_scr[k] = dhs[k] + dst_ref[k] if has.state else dhs[k]
 
     @pl.when(c == pl.num_programs(2) - 1)
     def _final():
         dh0_ref[...] = dh_scr[...]
         dA_ref[...] = dA_scr[...]
-        if has_D:
+        if has.D:
             dD_ref[...] = dD_scr[...]
 
 

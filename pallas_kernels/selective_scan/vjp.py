@@ -8,10 +8,23 @@ saves, the optional state output, the reductions common to both) lives here.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+
+class Present(NamedTuple):
+    """Which optional operands a kernel call has (static: each combination is its own kernel)."""
+
+    D: bool
+    z: bool
+    bias: bool
+    state: bool  # the initial state in the forward, the saved states' cotangent in the backward
+
+    @classmethod
+    def of(cls, D, z, bias, state) -> "Present":
+        return cls(D is not None, z is not None, bias is not None, state is not None)
 
 
 def kernel_scan(forward_call: Callable, backward_call: Callable, reduce_partials: Callable) -> Callable:
