@@ -11,6 +11,7 @@ transformers. torch and transformers are test dependencies: this module fails
 import json
 import math
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -464,3 +465,73 @@ def test_perplexity_script_with_tokenizer_json(tmp_path):
     assert res["bytes"] == sum(ends[s * seg + seg - 1] - ends[s * seg] for s in range(3))
     assert 0.9 * len(TEXT.encode("utf-8")) < res["bytes"] < len(TEXT.encode("utf-8"))
     assert abs(res["bits_per_byte"] - nll / math.log(2) / res["bytes"]) < 1e-6
+
+
+# --------------------------------------------------------------------------- round trips keep what they were given
+
+
+def test_save_into_a_sharded_checkpoint_replaces_it_and_keeps_token_ids(tmp_path):
+    """The fine-tune recipe: load a sharded checkpoint, change the weights, save over it."""
+    hf = _hf_model(seed=11, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                   initializer_range=0.05)
+    src = tmp_path / "ckpt"
+    hf.save_pretrained(src, max_shard_size="20KB")
+    shards = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values()
+    assert len(set(shards)) > 1
+    (src / "tokenizer.json").write_text("{}")  # not a weight file: it stays
+    model = mj.from_pretrained(src)
+    from flax import nnx
+
+    # "fine-tuning": weights that differ from the files' everywhere
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x * 1.5, nnx.to_pure_dict(state)))
+    tuned = nnx.merge(graphdef, state)
+    with pytest.warns(UserWarning, match=r"removed the weight files .*model-00001-of-.*model.safetensors.index.json"):
+        mj.save_pretrained(tuned, src)
+    # only weight files went: transformers' generation_config.json and the tokenizer stay
+    assert {p.name for p in src.iterdir()} == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"}
+    config = json.loads((src / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 3)
+    assert config["initializer_range"] == 0.05  # a field read and not used comes back out too
+    ids = _ids(101)
+    want = _our_logits(tuned, ids)
+    assert not np.allclose(want, _ref_logits(hf, ids), rtol=1e-2)  # stale weights would be noticed
+    np.testing.assert_array_equal(_our_logits(mj.from_pretrained(src), ids), want)
+    back = transformers.MambaForCausalLM.from_pretrained(src).eval()
+    assert (back.config.bos_token_id, back.config.eos_token_id, back.config.pad_token_id) == (1, 2, 3)
+    assert rel_err(_ref_logits(back, ids), want) < PARITY_TOL
+    # and once more: the ids survive a second round trip through our loader
+    assert mj.from_pretrained(src).hf_config_extras.get("eos_token_id") == 2
+
+
+def test_save_into_an_empty_directory_says_nothing_and_a_native_model_gets_default_ids(tmp_path):
+    model = _native_model(mj.MambaConfig.tiny(d_model=32, n_layer=1, vocab_size=50), seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mj.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("key", ["use_conv_bias", "use_bias", "residual_in_fp32", "tie_word_embeddings", "rms_norm"])
+@pytest.mark.parametrize("text", ["false", "true"])
+def test_string_booleans_in_hf_config_are_rejected(hf_dir, key, text):
+    _edit_config(hf_dir, lambda c: c.update({key: text}))
+    with pytest.raises(ValueError, match=rf"{key}='{text}' must be a JSON boolean"):
+        mj.from_pretrained(hf_dir)
+
+
+@pytest.mark.parametrize("where, key", [("top", "tie_embeddings"), ("top", "residual_in_fp32"),
+                                        ("ssm_cfg", "conv_bias"), ("ssm_cfg", "bias")])
+def test_string_booleans_in_mamba_ssm_config_are_rejected(tmp_path, where, key):
+    hf = _hf_model(seed=9, vocab_size=104)
+    path = _write_mamba_ssm(hf, tmp_path / "ssm", vocab_size=100, pad_multiple=8)
+    _edit_config(path, lambda c: (c if where == "top" else c["ssm_cfg"]).update({key: "false"}))
+    with pytest.raises(ValueError, match=rf"{key}='false' must be a JSON boolean"):
+        mj.from_pretrained(path)
+
+
+def test_string_numbers_in_hf_config_are_rejected(hf_dir):
+    _edit_config(hf_dir, lambda c: c.update(layer_norm_epsilon="1e-5"))
+    with pytest.raises(ValueError, match=r"layer_norm_epsilon='1e-5' must be a number"):
+        mj.from_pretrained(hf_dir)

@@ -1,13 +1,13 @@
-"""Checkpoint import and export: Hugging Face ``MambaForCausalLM`` and ``mamba_ssm`` directories."""
+"""Checkpoint import and export: Hugging Face ``MambaForCausalLM`` and ``mamba_ssm`` directories.
 
-from mamba_jax.interop.hf import (
-    convert_state_dict,
-    from_pretrained,
-    load_config,
-    load_state_dict,
-    save_pretrained,
-    to_hf_state_dict,
-)
+``config`` (``config.json`` parsing), ``weights`` (weight files), ``names`` (the
+name table), ``hf`` (:func:`from_pretrained` / :func:`save_pretrained`).
+"""
+
+from mamba_jax.interop.config import ConfigExtras, load_config
+from mamba_jax.interop.hf import from_pretrained, save_pretrained
+from mamba_jax.interop.names import convert_state_dict, to_hf_state_dict
+from mamba_jax.interop.weights import load_state_dict
 
 __all__ = [
     "from_pretrained",
@@ -16,4 +16,5 @@ __all__ = [
     "load_state_dict",
     "convert_state_dict",
     "to_hf_state_dict",
+    "ConfigExtras",
 ]
