@@ -19,9 +19,17 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def selective_scan_oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
-    """The recurrence written from the equations, step by step, in float64 NumPy."""
-    f64 = lambda x: None if x is None else np.asarray(np.asarray(x, np.float32), np.float64)
+def selective_scan_oracle(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None, as_float64=False
+):
+    """The recurrence written from the equations, step by step, in float64 NumPy.
+
+    Inputs are read as float32 values (bf16 arrays included), or with
+    ``as_float64`` taken as they are (float64 finite differences)."""
+    if as_float64:
+        f64 = lambda x: None if x is None else np.asarray(x, np.float64)
+    else:
+        f64 = lambda x: None if x is None else np.asarray(np.asarray(x, np.float32), np.float64)
     u, dt, A, B, C, D, z, bias, h = map(f64, (u, delta, A, B, C, D, z, delta_bias, initial_state))
     b, l, d = u.shape
     n = A.shape[1]

@@ -21,8 +21,10 @@ from pallas_kernels.selective_scan import SelectiveScanBlockSizes, selective_sca
 # On a GPU machine the GPU kernel runs for real (not interpreted).
 ON_GPU = jax.default_backend() == "gpu"
 
-# Relative error ||out - ref|| / ||ref|| allowed for the kernels, per input dtype.
-KERNEL_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
+# Relative error ||out - ref|| / ||ref|| allowed for the kernels against the XLA
+# reference on the same inputs, per input dtype: for bfloat16 inputs both compute
+# in float32, so they differ by the rounding of bf16 outputs and gradients.
+KERNEL_TOL = {"float32": 1e-4, "bfloat16": 5e-3}
 
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -32,6 +34,11 @@ CASES = {
     "gpu_l11_groups_bf16": ("gpu", 2, 11, 12, 5, 2, "bfloat16", 8, dict(h0=False)),
     "tpu_l1_plain": ("tpu", 1, 1, 8, 3, None, "float32", 8, dict(D=False, z=False, bias=False, h0=False)),
     "gpu_l1_plain": ("gpu", 1, 1, 8, 3, None, "float32", 8, dict(D=False, z=False, bias=False, h0=False)),
+    # Model shapes, default block sizes: the wide 1024-channel tile twice per group over
+    # two aligned time blocks (n = 16); n = 64 (512-channel tiles, two per group) over an
+    # unaligned length in bfloat16.
+    "tpu_model_n16_wide_tile": ("tpu", 1, 128, 2048, 16, None, "float32", 64, dict()),
+    "tpu_model_n64_l70_bf16": ("tpu", 1, 70, 1024, 64, None, "bfloat16", 64, dict()),
 }
 SLOW_CASES = {
     "tpu_l11_bf16": ("tpu", 1, 11, 20, 2, 4, "bfloat16", 8, dict(z=False)),

@@ -9,7 +9,7 @@ from scan_inputs import make_scan_inputs
 
 import mamba_jax as mj
 
-XLA_IMPLS = ["reference", "sequential", "chunked"]
+XLA_IMPLS = ["reference", "sequential", "chunked"]  # "step" (l = 1) is tested on its own
 
 # (b, l, d, n, g, options): lengths around the chunk size 16 used below (1, primes, < T, = T, > T).
 CASES = {
@@ -89,14 +89,67 @@ def test_gradients_match_reference(impl, dtype, shape):
 
 
 def test_gradients_against_finite_differences():
-    """The reference gradient itself, checked in float64-free fashion by central differences."""
+    """The reference gradient (autodiff through the associative scan, float32)
+    against central differences of the float64 oracle along a random direction
+    of every input at once."""
     args = make_scan_inputs(8, 1, 5, 4, 3, 2)
-    v = jax.random.normal(jax.random.key(1), args["u"].shape, jnp.float32)
-    f = lambda u: jnp.sum(_run("chunked", {**args, "u": u})[0] ** 2)
-    g = jax.grad(f)(args["u"])
-    eps = 1e-2
-    fd = (f(args["u"] + eps * v) - f(args["u"] - eps * v)) / (2 * eps)
-    assert abs(float(jnp.vdot(g, v)) - float(fd)) < 1e-2 * abs(float(fd)) + 1e-3
+    names = list(args)
+    rng = np.random.default_rng(0)
+    dirs = {k: rng.standard_normal(np.shape(v)) for k, v in args.items()}
+    w = rng.standard_normal(args["u"].shape)
+
+    def f64(values):  # float64 end to end: central differences are exact to ~1e-9 here
+        y, h = selective_scan_oracle(**values, delta_softplus=True, as_float64=True)
+        return float(np.sum(y * w) + np.sum(h))
+
+    eps = 1e-5
+    plus = {k: np.asarray(v, np.float64) + eps * dirs[k] for k, v in args.items()}
+    minus = {k: np.asarray(v, np.float64) - eps * dirs[k] for k, v in args.items()}
+    fd = (f64(plus) - f64(minus)) / (2 * eps)
+
+    def loss(*values):
+        y, h = _run("reference", dict(zip(names, values)))
+        return jnp.sum(y * jnp.asarray(w, jnp.float32)) + jnp.sum(h)
+
+    grads = jax.grad(loss, argnums=tuple(range(len(names))))(*args.values())
+    directional = sum(float(np.vdot(np.asarray(g, np.float64), dirs[k])) for k, g in zip(names, grads))
+    assert abs(directional - fd) < 1e-5 * abs(fd), (directional, fd)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("g", [None, 2])
+def test_one_step_matches_oracle(dtype, g):
+    """impl="step" and selective_state_update (the decode path): forward against
+    the float64 oracle, gradients of every input against the reference impl."""
+    args = make_scan_inputs(21, 2, 1, 8, 5, g, dtype=jnp.dtype(dtype))
+    y, h = _run("step", args)
+    y_ref, h_ref = selective_scan_oracle(**args, delta_softplus=True)
+    assert y.dtype == args["u"].dtype and h.dtype == jnp.float32
+    assert rel_err(y, y_ref) < TOL[dtype] and rel_err(h, h_ref) < TOL["float32"]
+    squeeze = {k: (v[:, 0] if k in ("u", "delta", "z", "B", "C") else v) for k, v in args.items()}
+    state = squeeze.pop("initial_state")
+    y1, h1 = mj.ops.selective_state_update(state, **squeeze, delta_softplus=True)
+    assert y1.shape == (2, 8) and rel_err(y1, y[:, 0]) == 0.0 and rel_err(h1, h) == 0.0
+    kc = jax.random.split(jax.random.key(3))
+    cot_y = jax.random.normal(kc[0], (2, 1, 8), jnp.float32)
+    cot_h = jax.random.normal(kc[1], (2, 8, 5), jnp.float32)
+    ref, out = _grads("reference", args, cot_y, cot_h), _grads("step", args, cot_y, cot_h)
+    for name in ref:
+        assert out[name].dtype == args[name].dtype, name
+        assert rel_err(out[name], ref[name]) < GRAD_TOL[dtype], name
+
+
+def test_auto_below_one_kernel_block_is_the_plain_recurrence():
+    """On every platform, l = 1 resolves to "step" and l < block_l to "sequential"."""
+    for backend in ("cpu", "tpu", "cuda"):
+        assert mj.ops.resolve_impl(backend, 16, 1) == "step"
+        assert mj.ops.resolve_impl(backend, 16, 2) == "sequential"
+    args = make_scan_inputs(4, 1, 1, 6, 4)
+    y, h = mj.ops.selective_scan(**args, delta_softplus=True, return_final_state=True)
+    y_ref, h_ref = selective_scan_oracle(**args, delta_softplus=True)
+    assert rel_err(y, y_ref) < TOL["float32"] and rel_err(h, h_ref) < TOL["float32"]
+    with pytest.raises(ValueError, match="impl='step' runs one time step"):
+        mj.ops.selective_scan(**make_scan_inputs(4, 1, 3, 6, 4), impl="step")
 
 
 def test_chunked_training_memory_is_per_chunk():
