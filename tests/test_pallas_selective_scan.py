@@ -281,3 +281,25 @@ def test_errors_name_the_argument():
                               block_sizes=SelectiveScanBlockSizes(tpu_block_d=1024))
     with pytest.raises(ValueError, match="B must have shape"):  # the dispatcher's validator
         selective_scan_pallas(*arrays[:3], arrays[3][:, :4], *arrays[4:8], True, arrays[8], platform="tpu")
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_model_decode_step_has_no_scan_kernel(platform):
+    """A one-token step of the model lowers to plain XLA (the recurrence written
+    out), while a prefill of one kernel block or more embeds the platform's kernel."""
+    from flax import nnx
+
+    cfg = mj.MambaConfig(d_model=64, n_layer=2, vocab_size=64)
+    model = mj.MambaLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    cache = model.init_cache(1)
+
+    def step(params, cache, ids):
+        return nnx.merge(graphdef, params)(ids, cache=cache)
+
+    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    name = CUSTOM_CALLS[platform]
+    for length, has_kernel in ((1, False), (64, True)):  # (the layers share one kernel function)
+        ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+        text = _export(step, platform, abstract(params), abstract(cache), ids).mlir_module()
+        assert (name in text) == has_kernel, length
