@@ -76,10 +76,10 @@ class AttentionLayerCache:
     def zeros(
         cls, batch_size: int, max_length: int, num_heads_kv: int, head_dim: int, dtype: DType
     ) -> "AttentionLayerCache":
-        kv = jnp.zeros((batch_size, max_length, num_heads_kv, head_dim), dtype)
+        shape = (batch_size, max_length, num_heads_kv, head_dim)
         return cls(
-            k=kv,
-            v=kv,
+            k=jnp.zeros(shape, dtype),  # two buffers: a donated cache must not hold one twice
+            v=jnp.zeros(shape, dtype),
             valid=jnp.zeros((batch_size, max_length), jnp.bool_),
             lengths=jnp.zeros((batch_size,), jnp.int32),
             index=jnp.zeros((), jnp.int32),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mamba_jax.cache import AttentionLayerCache, MambaCache, MambaLayerCache
@@ -70,6 +71,10 @@ class MambaLM(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int | None = None) -> MambaCache:
         """An empty cache (zeros) for ``batch_size`` sequences.
 
+        Every layer gets buffers of its own (and an attention layer separate ones
+        for keys and values), so the cache can be donated to a jitted step
+        (``jax.jit(..., donate_argnums=...)``).
+
         ``max_length``: the number of tokens (padding included) the attention
         layers' KV buffers hold, prompt and generated tokens together; required
         when the model has attention layers. A pure Mamba model ignores it: its
@@ -85,13 +90,15 @@ class MambaLM(nnx.Module):
                 f"this model has attention layers (attn_layer_idx={cfg.attn_layer_idx}): init_cache needs "
                 "max_length, the number of tokens their KV cache holds (prompt + generated)"
             )
-        mamba = MambaLayerCache.zeros(batch_size, cfg.d_inner, cfg.d_state, cfg.d_conv, self.dtype)
-        attn = None
-        if cfg.has_attention:
-            attn = AttentionLayerCache.zeros(
-                batch_size, max_length, cfg.resolved_attn_num_heads_kv, cfg.resolved_attn_head_dim, self.dtype
-            )
-        return MambaCache(layers=tuple(attn if cfg.is_attention_layer(i) else mamba for i in range(cfg.n_layer)))
+
+        def layer(i):  # called once per layer: no two layers share a buffer
+            if cfg.is_attention_layer(i):
+                return AttentionLayerCache.zeros(
+                    batch_size, max_length, cfg.resolved_attn_num_heads_kv, cfg.resolved_attn_head_dim, self.dtype
+                )
+            return MambaLayerCache.zeros(batch_size, cfg.d_inner, cfg.d_state, cfg.d_conv, self.dtype)
+
+        return MambaCache(layers=tuple(layer(i) for i in range(cfg.n_layer)))
 
     def __call__(
         self, input_ids: Int[Array, "b l"], cache: MambaCache | None = None, mask: Array | None = None
@@ -102,9 +109,11 @@ class MambaLM(nnx.Module):
         every layer's state unchanged and feed zeros to the convolutions, and
         attention layers give padded keys no weight and do not count them as
         positions, so with left padding each sequence's real tokens get the
-        logits they get alone.
-        (Padding between real tokens is not supported: the convolution would see
-        the zeros.) The logits at padded positions are meaningless.
+        logits they get alone. The logits at padded positions are meaningless.
+        Only left padding is supported: padding after a real token (right or in
+        the middle), or at the start of a row whose cache already holds tokens,
+        would reach the convolution. Outside ``jit`` such a mask raises a
+        ValueError naming the row; inside ``jit`` it is not checked.
         """
         self._check_input_ids(input_ids, cache)
         if mask is not None:
@@ -113,6 +122,8 @@ class MambaLM(nnx.Module):
                     f"mask must be a bool array of shape (b, l)={tuple(input_ids.shape)}, "
                     f"got {getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}"
                 )
+            if not isinstance(mask, jax.core.Tracer):
+                _check_left_padding(mask, cache)
         hidden = self.embedding(input_ids)
         residual = None
         new_layers = []
@@ -159,3 +170,29 @@ class MambaLM(nnx.Module):
                 raise ValueError(
                     f"input_ids must lie in [0, {self.config.padded_vocab_size}), got values in [{lo}, {hi}]"
                 )
+
+
+def _check_left_padding(mask, cache: MambaCache | None) -> None:
+    """ValueError unless every row of ``mask`` is padding (False) then real tokens (True),
+    and rows whose cache already holds tokens start with a real one."""
+    m = np.asarray(mask)
+    late = m[:, :-1] & ~m[:, 1:]  # a real token followed by padding
+    for row in np.flatnonzero(late.any(axis=1)):
+        pos = int(np.flatnonzero(late[row])[0]) + 1
+        raise ValueError(
+            f"mask row {row} is not left padding: position {pos} is padding (False) after a real token; "
+            "only left padding is supported (padding after real tokens would reach the convolution)"
+        )
+    if cache is None or m.all(axis=1).all():
+        return
+    held = np.zeros(m.shape[0], bool)  # rows whose cache holds tokens already
+    for layer in cache.layers:
+        if isinstance(layer, AttentionLayerCache):
+            held |= np.asarray(layer.lengths) > 0
+        else:  # the state of a row that has seen a real token is not exactly zero
+            held |= np.asarray(jnp.any(layer.ssm_state != 0, axis=(1, 2)))
+    for row in np.flatnonzero(held & ~m[:, 0]):
+        raise ValueError(
+            f"mask row {row} starts with padding but its cache already holds tokens: the padding would sit "
+            "between the cached and the new tokens (pad only a row's first call)"
+        )

@@ -1,5 +1,6 @@
 """MambaLM: recurrent path vs parallel forward, initialisation, presets, validation."""
 
+import functools
 import math
 
 import jax
@@ -187,3 +188,55 @@ def test_left_padding_mask_leaves_real_tokens_unchanged(selective):
     assert rel_err(unmasked[:, pad:], alone) > 1e-3
     with pytest.raises(ValueError, match=r"mask must be a bool array of shape \(b, l\)"):
         model(padded, mask=mask.astype(jnp.int32))
+
+
+def _buffers(cache):
+    return [x.unsafe_buffer_pointer() for x in jax.tree.leaves(cache) if x.size]
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_init_cache_buffers_are_independent_and_donatable(hybrid):
+    extra = dict(attn_layer_idx=(1,), attn_num_heads=2) if hybrid else {}
+    model = _model(n_layer=2, **extra)
+    cache = model.init_cache(2, 8 if hybrid else None)
+    pointers = _buffers(cache)
+    assert len(set(pointers)) == len(pointers)  # every layer, k and v: a buffer of its own
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def step(state, cache, ids):
+        return nnx.merge(graphdef, state)(ids, cache=cache)
+
+    ids = jax.random.randint(jax.random.key(1), (2, 3), 0, 97)
+    logits, new_cache = step(state, cache, ids)  # "donate the same buffer twice" before
+    want, _ = model(ids, cache=model.init_cache(2, 8 if hybrid else None))
+    assert rel_err(logits, want) < 1e-5
+    assert all(x.is_deleted() for x in jax.tree.leaves(cache) if x.size)  # donated indeed
+
+
+@pytest.mark.parametrize(
+    "row, bad",
+    [(0, [True, True, False, False, True]), (1, [True, True, True, True, False]), (1, [False, True, False, True, True])],
+    ids=["middle", "right", "alternating"],
+)
+def test_mask_that_is_not_left_padding_raises_naming_the_row(row, bad):
+    model = _model()
+    ids = jax.random.randint(jax.random.key(4), (2, 5), 0, 97)
+    mask = np.ones((2, 5), bool)
+    mask[row] = bad
+    with pytest.raises(ValueError, match=rf"mask row {row} is not left padding"):
+        model(ids, mask=jnp.asarray(mask))
+    with pytest.raises(ValueError, match=rf"mask row {row} is not left padding"):
+        model(ids, cache=model.init_cache(2), mask=jnp.asarray(mask))
+
+
+def test_mask_padding_after_cached_tokens_raises():
+    model = _model()
+    ids = jax.random.randint(jax.random.key(4), (2, 4), 0, 97)
+    _, cache = model(ids, cache=model.init_cache(2))
+    mask = jnp.asarray([[True] * 4, [False, False, True, True]])
+    with pytest.raises(ValueError, match="mask row 1 starts with padding but its cache already holds tokens"):
+        model(ids, cache=cache, mask=mask)
+    # left padding on an empty cache, and all-real rows after a cache, are fine
+    model(ids, cache=model.init_cache(2), mask=mask)
+    model(ids, cache=cache, mask=jnp.ones((2, 4), bool))
