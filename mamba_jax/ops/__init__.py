@@ -8,6 +8,7 @@ from mamba_jax.ops.selective_scan import (
     selective_scan,
     selective_state_update,
 )
+from mamba_jax.ops.ssd import SSD_IMPLS, resolve_ssd_impl, ssd, ssd_step
 
 __all__ = [
     "selective_scan",
@@ -17,4 +18,8 @@ __all__ = [
     "VERIFIED_STATE_SIZES",
     "causal_conv1d",
     "causal_conv1d_step",
+    "ssd",
+    "ssd_step",
+    "resolve_ssd_impl",
+    "SSD_IMPLS",
 ]
