@@ -1,15 +1,23 @@
 """Selective scan on GPU: Pallas kernels (Triton backend), forward and backward.
 
-Why the Triton backend and not Mosaic GPU: the scan is a long chain of
-per-time-step elementwise updates of a (channels, n) float32 state with one
-cross-``n`` reduction per step and dynamically indexed single-row loads. Pallas'
-Mosaic GPU backend is built around warpgroup-wide arrays with fixed register
-layouts, TMA-pipelined tiles and wgmma; it runs on Hopper and newer only, and
-it has no per-program persistent state across a sequential grid axis either.
-The Triton backend expresses this kernel directly (a ``fori_loop`` over time
-with the state as a loop carry, i.e. in registers), works on Ampere as well
-as Hopper, and its output is checked against the reference on the GPU in
-``experiments/bench_scan.py``. Porting to Mosaic GPU is future work.
+The GPU plan (what ``mamba_jax.ops.resolve_impl`` enforces):
+
+* Ampere or newer (compute capability >= 8.0): this Triton kernel, for the
+  state sizes it has been run at on a GPU (n = 16, an H100), while jax keeps
+  the Pallas Triton backend. jax 0.12 deprecates that backend in favour of
+  Mosaic GPU, which targets Hopper and newer; a Mosaic GPU port is the plan
+  for Hopper+ but does not exist yet (it needs a GPU to write and verify).
+* Older GPUs (T4, compute capability 7.5, as Colab offers) and state sizes not
+  run on a GPU: ``impl="auto"`` gives the ``chunked`` XLA scan, never a kernel
+  that cannot run there.
+
+Why Triton here and not Mosaic GPU: the scan is a long chain of per-time-step
+elementwise updates of a (channels, n) float32 state with one cross-``n``
+reduction per step and dynamically indexed single-row loads. Mosaic GPU is
+built around warpgroup-wide arrays with fixed register layouts, TMA-pipelined
+tiles and wgmma, on Hopper and newer only. The Triton backend expresses this
+kernel directly (a ``fori_loop`` over time with the state as a loop carry,
+i.e. in registers) and works on Ampere as well as Hopper.
 
 Layout (all padded by :mod:`pallas_kernels.selective_scan.ops`):
   u, delta, z, y:  (b, L, Dp)   L = time padded to ``block_l``; Dp = g * P,
@@ -25,20 +33,18 @@ are unrolled in groups of ``UNROLL`` whose row loads are issued together.
 
 The backward grid is the same; each program walks the chunks in reverse,
 recomputes the chunk's states from its saved boundary state into a
-per-program scratch buffer (block_l * block_d * N float32; it stays in L1/L2)
-and runs the adjoint recurrence in registers, producing du, ddelta, dz and
-per-tile partial sums of dA, dB, dC, dD that the wrapper reduces in XLA.
+per-program scratch buffer (block_l * block_d * N float32) and runs the
+adjoint recurrence in registers, producing du, ddelta, dz and per-tile partial
+sums of dA, dB, dC, dD that the wrapper reduces in XLA. The memory arithmetic
+(registers, scratch, the dB/dC partials that dominate at large d and n) is in
+block_sizes.py.
 
-Measured (H100, bf16 inputs, n=16; experiments/results/bench_scan_h100.json):
-forward+backward 4x faster than the associative-scan reference at l=32k and
-the fastest impl at every measured shape, but the forward reaches only 3-6%
-of the copy bandwidth. What stands in the way: each program walks all l
-steps one after another, so the time is (steps x per-step latency) and the
-parallelism is only b * d / block_d programs. The next step is a
-chunk-parallel scan (local chunk scans in parallel, a short sequential pass
-over chunk boundaries, a parallel fix-up), as the CUDA reference does inside
-a thread block. The dB/dC partials are (b, d / block_d, L, N) float32, which
-dominates the backward's extra memory at large d.
+Speed: each program walks all l steps one after another, so the forward is
+latency bound, far below the copy bandwidth
+(experiments/results/bench_scan_h100.json). The next step is a chunk-parallel
+scan (local chunk scans in parallel, a short sequential pass over chunk
+boundaries, a parallel fix-up), as the CUDA reference does inside a thread
+block; it needs GPU time to build and measure.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.selective_scan.vjp import Present, kernel_scan
+from pallas_kernels.selective_scan.vjp import Present, input_cotangents, scan_outputs, split_cotangents
 
 _F32 = jnp.float32
 
@@ -89,6 +95,33 @@ def _reduce_partials(cfg, u, A, B, C, dA_p, dB_p, dC_p):
     nd = Dp // cfg.block_d
     per_group = lambda x: x.reshape(b, g, nd // g, L, N).sum(2).transpose(0, 2, 1, 3)
     return dA_p.sum(0).astype(A.dtype), per_group(dB_p).astype(B.dtype), per_group(dC_p).astype(C.dtype)
+
+
+# --------------------------------------------------------------------------
+# custom_vjp: the forward saves the block-boundary states, the backward kernel
+# recomputes each block from them
+# --------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(cfg, u, dt, A, B, C, D, z, bias, h0):
+    return _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0)[0]
+
+
+def _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0):
+    y, states, hT = _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0)
+    return scan_outputs(cfg.want_states, y, hT, states), (u, dt, A, B, C, D, z, bias, h0, states)
+
+
+def _scan_bwd(cfg, res, cotangents):
+    u, dt, A, B, C, D, z, bias, h0, states = res
+    dy, dhT, dstates = split_cotangents(cfg.want_states, cotangents)
+    du, ddt, dz, dA_p, dB_p, dC_p, dD_p, dh0 = _backward_call(cfg, u, dt, A, B, C, D, z, bias, states, dy, dhT, dstates)
+    dA, dB, dC = _reduce_partials(cfg, u, A, B, C, dA_p, dB_p, dC_p)
+    return input_cotangents(D, bias, h0, du, ddt, dA, dB, dC, dD_p, dz, dh0)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 # --------------------------------------------------------------------------
@@ -371,5 +404,3 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
     if has.D:
         dD_ref[...] = dD_acc
 
-
-_scan = kernel_scan(_forward_call, _backward_call, _reduce_partials)

@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.selective_scan.block_sizes import TPU_VMEM_LIMIT_BYTES
-from pallas_kernels.selective_scan.vjp import Present, kernel_scan
+from pallas_kernels.selective_scan.vjp import Present, input_cotangents, scan_outputs, split_cotangents
 
 _F32 = jnp.float32
 
@@ -106,6 +106,33 @@ def _reduce_partials(cfg, u, A, B, C, dA_p, dB_p, dC_p):
     nd = u.shape[2]
     per_group = lambda x: x.reshape(b, g, nd // g, nc, 1, -1).sum(2)
     return dA_p.sum(0), per_group(dB_p), per_group(dC_p)
+
+
+# --------------------------------------------------------------------------
+# custom_vjp: the forward saves the block-boundary states, the backward kernel
+# recomputes each block from them
+# --------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(cfg, u, dt, A, B, C, D, z, bias, h0):
+    return _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0)[0]
+
+
+def _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0):
+    y, states, hT = _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0)
+    return scan_outputs(cfg.want_states, y, hT, states), (u, dt, A, B, C, D, z, bias, h0, states)
+
+
+def _scan_bwd(cfg, res, cotangents):
+    u, dt, A, B, C, D, z, bias, h0, states = res
+    dy, dhT, dstates = split_cotangents(cfg.want_states, cotangents)
+    du, ddt, dz, dA_p, dB_p, dC_p, dD_p, dh0 = _backward_call(cfg, u, dt, A, B, C, D, z, bias, states, dy, dhT, dstates)
+    dA, dB, dC = _reduce_partials(cfg, u, A, B, C, dA_p, dB_p, dC_p)
+    return input_cotangents(D, bias, h0, du, ddt, dA, dB, dC, dD_p, dz, dh0)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 # --------------------------------------------------------------------------
@@ -389,5 +416,3 @@ def _backward_kernel(*refs, cfg, has, n):
         if has.D:
             dD_ref[...] = dD_scr[...]
 
-
-_scan = kernel_scan(_forward_call, _backward_call, _reduce_partials)
