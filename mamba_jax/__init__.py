@@ -3,7 +3,7 @@
 from mamba_jax import ops
 from mamba_jax.cache import AttentionLayerCache, MambaCache, MambaLayerCache
 from mamba_jax.config import MambaConfig
-from mamba_jax.generate import generate
+from mamba_jax.generation import GenerationConfig, generate
 from mamba_jax.interop import from_pretrained, save_pretrained
 from mamba_jax.model import MambaLM
 
@@ -15,6 +15,7 @@ __all__ = [
     "MambaLayerCache",
     "AttentionLayerCache",
     "generate",
+    "GenerationConfig",
     "from_pretrained",
     "save_pretrained",
 ]

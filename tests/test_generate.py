@@ -1,8 +1,10 @@
 """generate(): teacher-forcing consistency, sampling filters, batching, eos, tracing, errors, CLI."""
 
-import importlib
+import dataclasses
 import io
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +13,15 @@ import pytest
 from flax import nnx
 
 import mamba_jax as mj
-from mamba_jax.generate import (
+from mamba_jax.generation import (
     TRACE_COUNTS,
+    GenerationConfig,
     apply_repetition_penalty,
     filter_candidates,
     generate,
     sample_logits,
 )
-
-generate_module = importlib.import_module("mamba_jax.generate")  # mj.generate is the function
+from mamba_jax.generation import cli
 
 VOCAB = 250  # padded to 256: the padded ids must never be produced
 
@@ -329,14 +331,14 @@ def test_cli_with_token_ids(model, tmp_path, reference):
     loader = _checkpoint_dir(tmp_path, model)
     out = io.StringIO()
     argv = ["--checkpoint", str(tmp_path), "--prompt", "11,42,7,199,3", "--max-new-tokens", "6", "--temperature", "0"]
-    assert generate_module.main(argv, loader=loader, out=out) == 0
+    assert cli.main(argv, loader=loader, out=out) == 0
     head, tail = out.getvalue().strip().split(" -> ")
     assert head == "11,42,7,199,3"
     assert [int(t) for t in tail.split(",")] == reference[0][0]  # (via save_pretrained when it exists)
     # eos from config.json stops the stream.
     loader = _checkpoint_dir(tmp_path, model, eos=reference[0][0][1])
     out = io.StringIO()
-    generate_module.main(argv, loader=loader, out=out)
+    cli.main(argv, loader=loader, out=out)
     assert out.getvalue().strip().split(" -> ")[1] == ",".join(map(str, reference[0][0][:2]))
 
 
@@ -350,7 +352,7 @@ def test_cli_with_tokenizer(model, tmp_path):
     loader = _checkpoint_dir(tmp_path, model)
     out = io.StringIO()
     argv = ["--checkpoint", str(tmp_path), "--prompt", "h e l l o", "--max-new-tokens", "5", "--top-k", "5", "--seed", "1"]
-    generate_module.main(argv, loader=loader, out=out)
+    cli.main(argv, loader=loader, out=out)
     prompt = [7, 4, 11, 11, 14]
     want = generate(model, [prompt], 5, top_k=5, key=jax.random.key(1))
     assert out.getvalue() == tok.decode(prompt + np.asarray(want[0]).tolist()) + "\n"
@@ -359,6 +361,81 @@ def test_cli_with_tokenizer(model, tmp_path):
 
 def test_cli_errors(tmp_path):
     with pytest.raises(SystemExit):
-        generate_module.main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "1"], loader=lambda p: None)
+        cli.main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "1"], loader=lambda p: None)
     with pytest.raises(SystemExit, match="token ids"):
-        generate_module.main(["--checkpoint", str(tmp_path), "--prompt", "hello"], loader=lambda p: make_model())
+        cli.main(["--checkpoint", str(tmp_path), "--prompt", "hello"], loader=lambda p: make_model())
+
+
+# --------------------------------------------------------------------------
+# return_cache: a conversation continues without re-prefilling
+# --------------------------------------------------------------------------
+
+
+def _continue_vs_one_long_generate(model, prompts, n1, n2, eos, **kw):
+    """Turn 1 with return_cache, turn 2 from its cache, against one generate over the whole history."""
+    first, cache = generate(model, prompts, n1, temperature=0.0, eos_token_id=eos, pad_token_id=0,
+                            return_cache=True, **kw)
+    turn2 = [[17, 33], [101, 4], [9, 250 - 1]][: len(prompts)]
+    second, scores = generate(model, turn2, n2, temperature=0.0, cache=cache, return_scores=True)
+    histories = []
+    for p, out, nxt in zip(prompts, np.asarray(first).tolist(), turn2):
+        made = out[: out.index(eos) + 1] if eos in out else out  # the eos is part of the history
+        histories.append(list(p) + made + nxt)
+    want, want_scores = generate(model, histories, n2, temperature=0.0, return_scores=True)
+    np.testing.assert_array_equal(np.asarray(second), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(scores), np.asarray(want_scores), rtol=1e-4, atol=1e-4)
+    return first
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 2])
+def test_return_cache_continues_like_one_long_generate(model, reference, prefill_chunk):
+    eos = reference[0][0][1]  # row 0 stops after its second token: padding follows it in the loop
+    first = _continue_vs_one_long_generate(model, PROMPTS, 4, 5, eos, prefill_chunk=prefill_chunk)
+    assert np.asarray(first[0]).tolist()[:3] == reference[0][0][:2] + [0]
+
+
+def test_return_cache_with_attention_layers_and_cache_length():
+    model = make_model(seed=2, n_layer=2, attn_layer_idx=(1,), attn_num_heads=2)
+    greedy = np.asarray(generate(model, PROMPTS, 4, temperature=0.0)).tolist()
+    _continue_vs_one_long_generate(model, PROMPTS, 4, 5, greedy[1][1], cache_length=32)
+    # without room for the second turn the continuation says so
+    _, cache = generate(model, PROMPTS, 4, temperature=0.0, return_cache=True)
+    with pytest.raises(ValueError, match="free slots"):
+        generate(model, [[1] * 20] * 3, 16, temperature=0.0, cache=cache)
+    with pytest.raises(ValueError, match=r"cache_length=4 is less than the"):
+        generate(model, PROMPTS, 4, temperature=0.0, return_cache=True, cache_length=4)
+
+
+def test_return_cache_without_new_tokens_holds_the_whole_prompt(model):
+    ids = jnp.asarray([PROMPTS[0], PROMPTS[0][::-1]], jnp.int32)
+    tokens, cache = generate(model, ids, 0, temperature=0.0, return_cache=True)
+    assert tokens.shape == (2, 0)
+    _, want = model(ids, cache=model.init_cache(2))
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_generation_config_is_frozen_and_normalises_eos():
+    cfg = GenerationConfig(max_new_tokens=3, eos_token_id=[4, 5])
+    assert cfg.eos_token_id == (4, 5) and GenerationConfig(max_new_tokens=1, eos_token_id=7).eos_token_id == (7,)
+    assert GenerationConfig(max_new_tokens=1, eos_token_id=None).eos_token_id == ()
+    assert GenerationConfig(max_new_tokens=1, top_k=1).greedy and not GenerationConfig(max_new_tokens=1).greedy
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.temperature = 0.0
+    with pytest.raises(ValueError, match="cache_length=0"):
+        GenerationConfig(max_new_tokens=1, cache_length=0)
+    with pytest.raises(TypeError, match="return_cache=1"):
+        GenerationConfig(max_new_tokens=1, return_cache=1)
+    with pytest.raises(ValueError, match=r"pad_token_id=300 must be an int in \[0, 256\)"):
+        GenerationConfig(max_new_tokens=1, pad_token_id=300).check_vocab(256)
+
+
+def test_the_function_does_not_shadow_its_module():
+    assert callable(mj.generate) and mj.generate is generate
+    assert mj.generate.__module__ == "mamba_jax.generation.decode"
+    with pytest.raises(ImportError, match="is the command line"):
+        import mamba_jax.generate  # noqa: F401
+    assert callable(mj.generate)  # still the function
+    proc = subprocess.run([sys.executable, "-m", "mamba_jax.generate", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "--checkpoint" in proc.stdout, proc.stderr
