@@ -14,7 +14,8 @@ from flax import nnx
 
 from mamba_jax.cache import AttentionLayerCache, MambaCache, MambaLayerCache
 from mamba_jax.config import MambaConfig
-from mamba_jax.nn.mamba import Block, RMSNorm, partitioned
+from mamba_jax.nn.init import partitioned
+from mamba_jax.nn.mamba import Block, RMSNorm
 from mamba_jax.typing import Array, DType, Float, Int
 
 _F32 = jnp.float32

@@ -41,7 +41,7 @@ from jax import lax
 
 from mamba_jax.cache import AttentionLayerCache
 from mamba_jax.config import MambaConfig
-from mamba_jax.nn.mamba import partitioned, torch_linear_init
+from mamba_jax.nn.init import partitioned, torch_linear_init
 from mamba_jax.typing import Array, DType, Float, Int
 
 _F32 = jnp.float32

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mamba_jax.nn.mamba import partitioned, torch_linear_init
+from mamba_jax.nn.init import partitioned, torch_linear_init
 from mamba_jax.typing import Array, DType, Float
 
 _F32 = jnp.float32
