@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
 from jax.experimental.pallas import tpu as pltpu
+import lowering
 from scan_inputs import make_scan_inputs
 
 import mamba_jax as mj
@@ -191,12 +191,11 @@ def test_state_interval():
     assert rel_err(g, g_ref) < KERNEL_TOL["float32"]
 
 
-CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+CUSTOM_CALLS = {"tpu": lowering.CUSTOM_CALLS["tpu"], "cuda": lowering.CUSTOM_CALLS["triton"]}
 
 
 def _export(fn, platform, *shapes):
-    checks = [export.DisabledSafetyCheck.custom_call(name) for name in CUSTOM_CALLS.values()]
-    return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*shapes)
+    return lowering.export_for(platform, fn, *shapes)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
