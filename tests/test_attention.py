@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOL, rel_err
+from conftest import TOL, attention_oracle, fan_in_normal, lm_oracle, random_like, random_model, rel_err, teacher_forced_greedy
 from flax import nnx
 
 import mamba_jax as mj
@@ -34,17 +34,8 @@ LAYOUTS = {"hybrid": hybrid_config, "transformer": transformer_config}
 
 
 def filled_model(config, seed=0, dtype=jnp.float32):
-    """A MambaLM with random NumPy parameters on an ``nnx.eval_shape`` skeleton (an eager
-    init compiles every initialiser): matrices N(0, 1/fan_in), vectors 1 + N(0, 0.01)."""
-    rng = np.random.default_rng(seed)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: mj.MambaLM(config, dtype=dtype, rngs=nnx.Rngs(0))))
-
-    def fill(x):
-        a = rng.standard_normal(x.shape) / np.sqrt(x.shape[0]) if x.ndim >= 2 else 1 + 0.1 * rng.standard_normal(x.shape)
-        return jnp.asarray(a.astype(np.float32), x.dtype)
-
-    nnx.replace_by_pure_dict(state, jax.tree.map(fill, nnx.to_pure_dict(state)))
-    return nnx.merge(graphdef, state)
+    """A MambaLM with random NumPy parameters (conftest.random_model: matrices N(0, 1/fan_in), vectors 1 + N(0, 0.01))."""
+    return random_model(config, seed, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +111,36 @@ def test_grouped_kv_heads_equal_mha_with_repeated_kv():
     x = jax.random.normal(jax.random.key(3), (2, 9, 32))
     call = nnx.jit(lambda m, x: m(x))
     assert rel_err(call(mha, x), call(gqa, x)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "heads, heads_kv, rotary, bias",
+    [(4, 2, 4, False), (4, 1, None, True), (2, 2, 0, False)],
+    ids=["gqa-partial-rope", "mqa-full-rope-bias", "mha-no-rope"],
+)
+def test_attention_layer_matches_the_numpy_oracle(heads, heads_kv, rotary, bias):
+    cfg = hybrid_config(attn_num_heads=heads, attn_num_heads_kv=heads_kv, attn_rotary_dim=rotary,
+                        attn_qkv_bias=bias, attn_out_bias=bias, attn_rope_base=500.0)
+    layer = random_like(nnx.eval_shape(lambda: CausalSelfAttention(cfg, rngs=nnx.Rngs(0))), seed=heads + heads_kv,
+                        fill=lambda rng, shape: 0.7 * fan_in_normal(rng, shape))
+    x = jax.random.normal(jax.random.key(5), (2, 11, cfg.d_model))
+    mask = jnp.arange(11)[None] >= jnp.asarray([0, 4])[:, None]  # row 1 left padded by 4
+    oracle = lambda m: attention_oracle(
+        x, layer.in_proj.kernel[...], layer.out_proj.kernel[...], num_heads=heads, num_heads_kv=heads_kv,
+        rotary_dim=cfg.resolved_attn_rotary_dim, base=500.0, mask=m,
+        b_in=layer.in_proj.bias[...] if bias else None, b_out=layer.out_proj.bias[...] if bias else None,
+    )
+    call = nnx.jit(lambda m, x, mask: m(x, mask=mask))
+    assert rel_err(call(layer, x, None), oracle(None)) < TOL["float32"]
+    got, want = np.asarray(call(layer, x, mask)), oracle(np.asarray(mask))
+    assert rel_err(got[0], want[0]) < TOL["float32"] and rel_err(got[1, 4:], want[1, 4:]) < TOL["float32"]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_model_matches_the_numpy_oracle(models, layout):
+    """The whole hybrid / Transformer++ forward against a float64 recomputation from the parameters."""
+    ids = _ids(seed=6)
+    assert rel_err(_forward(models[layout], ids), lm_oracle(models[layout], ids)) < TOL["float32"]
 
 
 # ------------------------------------------------------------------ the model
@@ -263,17 +284,7 @@ def test_hybrid_trains_and_gradients_reach_every_parameter(models):
 
 
 def _teacher_forced(model, prompts, steps):
-    """Greedy continuations by repeated parallel forwards over right-padded (B, L) sequences
-    (causal: the logits at the last real position do not see the padding)."""
-    seqs = [list(p) for p in prompts]
-    for _ in range(steps):
-        ids = np.zeros((B, L), np.int32)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = s
-        logits = np.asarray(_forward(model, jnp.asarray(ids)))
-        for r, s in enumerate(seqs):
-            s.append(int(np.argmax(logits[r, len(s) - 1, :VOCAB])))
-    return [s[len(p) :] for s, p in zip(seqs, prompts)]
+    return teacher_forced_greedy(lambda ids: _forward(model, ids), prompts, steps, L, VOCAB)
 
 
 PROMPTS = [[11, 42, 7, 90, 3, 5, 61], [5, 20]]

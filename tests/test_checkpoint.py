@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_like
 from flax import nnx
 
 import orbax.checkpoint as ocp
@@ -35,20 +36,9 @@ def _make(seed=0, param_dtype=jnp.float32):
 
 
 def _random_like(abstract, seed):
-    """A concrete copy of an abstract module (``nnx.eval_shape``) filled with random values.
-
-    NumPy draws them: nothing is compiled, so these in-process tests stay fast;
-    tests/resumable_train.py trains for real in the SIGKILL test."""
-    rng = np.random.default_rng(seed)
-
-    def fresh(x):
-        if np.issubdtype(x.dtype, np.integer):
-            return jnp.asarray(rng.integers(1, 1000, x.shape).astype(x.dtype))
-        return jnp.asarray(rng.standard_normal(x.shape).astype(x.dtype))
-
-    graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, jax.tree.map(fresh, nnx.to_pure_dict(state)))
-    return nnx.merge(graphdef, state)
+    """A concrete copy of an abstract module filled by NumPy (conftest.random_like): nothing is
+    compiled, so these in-process tests stay fast; tests/resumable_train.py trains for real."""
+    return random_like(abstract, seed, fill=lambda rng, shape: rng.standard_normal(shape))
 
 
 def _trained(seed=0, param_dtype=jnp.float32):

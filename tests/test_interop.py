@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import rel_err
+from conftest import TOL, random_model, rel_err
 
 import mamba_jax as mj
 from mamba_jax.interop import safetensors_io
@@ -41,15 +41,8 @@ def _hf_model(seed=0, **kw) -> transformers.MambaForCausalLM:
 
 
 def _native_model(config, seed=0, param_dtype=jnp.float32) -> "mj.MambaLM":
-    """A MambaLM with random parameters drawn by NumPy onto an ``nnx.eval_shape`` skeleton
-    (an eager ``MambaLM(...)`` init compiles every initialiser: seconds per shape)."""
-    from flax import nnx
-
-    rng = np.random.default_rng(seed)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: mj.MambaLM(config, param_dtype=param_dtype, rngs=nnx.Rngs(0))))
-    fill = lambda x: jnp.asarray((0.3 * rng.standard_normal(x.shape)).astype(np.float32), dtype=x.dtype)
-    nnx.replace_by_pure_dict(state, jax.tree.map(fill, nnx.to_pure_dict(state)))
-    return nnx.merge(graphdef, state)
+    """A MambaLM with random N(0, 0.3^2) parameters drawn by NumPy (conftest.random_model)."""
+    return random_model(config, seed, param_dtype=param_dtype, fill=lambda rng, shape: 0.3 * rng.standard_normal(shape))
 
 
 def _ids(vocab, b=2, l=19, seed=0):
@@ -535,3 +528,20 @@ def test_string_numbers_in_hf_config_are_rejected(hf_dir):
     _edit_config(hf_dir, lambda c: c.update(layer_norm_epsilon="1e-5"))
     with pytest.raises(ValueError, match=r"layer_norm_epsilon='1e-5' must be a number"):
         mj.from_pretrained(hf_dir)
+
+
+def test_bfloat16_parity_with_transformers(tmp_path):
+    """bf16 weights and compute on both sides, each against transformers in float32."""
+    hf = _hf_model(seed=12, tie_word_embeddings=False)
+    hf.save_pretrained(tmp_path)
+    ids = _ids(101, l=24)
+    ref32 = _ref_logits(hf, ids)
+    ref16 = _ref_logits(hf.to(torch.bfloat16), ids)
+    ours16 = mj.from_pretrained(tmp_path, param_dtype=jnp.bfloat16)
+    got = ours16(jnp.asarray(ids, jnp.int32))
+    assert got.dtype == jnp.bfloat16
+    err, hf_err = rel_err(np.asarray(got, np.float32), ref32), rel_err(ref16, ref32)
+    MEASURED["bf16-vs-fp32-reference"], MEASURED["transformers-bf16-vs-fp32"] = err, hf_err
+    assert 1e-4 < err < TOL["bfloat16"], err  # really bf16 (not silently float32), within the bf16 tolerance
+    assert rel_err(np.asarray(got, np.float32), ref16) < 2 * TOL["bfloat16"]
+    assert (np.asarray(got, np.float32)[..., :101].argmax(-1) == ref32.argmax(-1)).mean() > 0.9
