@@ -19,13 +19,15 @@ from mamba_jax.typing import Array, DType, Float
 
 @flax.struct.dataclass
 class MambaLayerCache:
-    """State of one Mamba mixer.
+    """State of one Mamba mixer (Mamba-1 or Mamba-2).
 
     Attributes:
       conv_state: the last ``d_conv - 1`` inputs of the convolution, (b, k - 1, d),
         in the compute dtype (the reference keeps ``d_conv`` columns; the newest
-        is never needed again, so we keep one fewer).
-      ssm_state: the selective-scan state, (b, d, n), always float32.
+        is never needed again, so we keep one fewer). For Mamba-2 the convolution
+        runs over ``xBC``: d = ``d_ssm + 2 * ngroups * d_state``.
+      ssm_state: the selective-scan state, (b, d, n), always float32; for Mamba-2
+        the SSD state (b, h, p, n) (:func:`mamba_jax.nn.mamba2.mamba2_cache_zeros`).
     """
 
     conv_state: Float[Array, "b k1 d"]

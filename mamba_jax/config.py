@@ -1,5 +1,11 @@
 """Model configuration: one frozen dataclass with the reference presets.
 
+``layer`` picks the state space mixer of the non-attention layers: ``"mamba1"``
+(the selective scan, ``mamba_ssm/modules/mamba_simple.py``) or ``"mamba2"``
+(SSD, ``mamba_ssm/modules/mamba2.py``; the fields ``headdim``, ``ngroups``,
+``chunk_size``, ``d_ssm``, ``D_has_hdim``, ``norm_before_gate``, ``dt_limit``,
+``A_init_range`` and ``ssd_impl`` apply to it only).
+
 Besides pure Mamba models it describes the layouts of the reference
 ``MixerModel`` (``mamba_ssm/models/mixer_seq_simple.py``): layers listed in
 ``attn_layer_idx`` use causal multi-head attention instead of Mamba as their
@@ -19,7 +25,7 @@ def _is_int(x) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class MambaConfig:
-    """Configuration of a Mamba-1, hybrid or Transformer++ language model (names follow ``mamba_ssm``).
+    """Configuration of a Mamba-1, Mamba-2, hybrid or Transformer++ language model (names follow ``mamba_ssm``).
 
     Attributes:
       d_model: model width (e).
@@ -62,6 +68,27 @@ class MambaConfig:
       attn_rope_base: base of the RoPE frequencies.
       attn_qkv_bias: whether the fused q/k/v projection has a bias.
       attn_out_bias: whether the attention output projection has a bias.
+      layer: ``"mamba1"`` or ``"mamba2"``, the mixer of the non-attention layers.
+        Mamba-2 ignores ``dt_rank``, ``dt_init`` and ``dt_scale`` (its time step
+        is one bias per head) and uses ``d_state`` per head (the reference
+        default is 128: the ``mamba2_*`` presets set it; the field's default 16
+        is Mamba-1's).
+      headdim: Mamba-2 channels per head (p); ``d_ssm % headdim == 0``.
+      ngroups: Mamba-2 groups of B and C (g); the heads ``d_ssm / headdim``
+        must be a multiple of it. The gated RMSNorm normalises each group of
+        ``d_ssm / ngroups`` channels separately.
+      chunk_size: Mamba-2 SSD chunk length (``ops.ssd(chunk_size=...)``).
+      d_ssm: Mamba-2 channels that go through the SSM; ``None`` means
+        ``d_inner``. With ``d_ssm < d_inner`` the other ``d_inner - d_ssm``
+        channels form a gated MLP branch (``silu(z0) * x0``) concatenated
+        before ``out_proj``, as in the reference.
+      D_has_hdim: Mamba-2 skip ``D`` per channel (``d_ssm``) instead of per head.
+      norm_before_gate: Mamba-2 gated RMSNorm order: ``False`` (the reference
+        default) is ``norm(y * silu(z))``, ``True`` is ``norm(y) * silu(z)``.
+      dt_limit: Mamba-2 clamp ``(lo, hi)`` of the time step after the softplus;
+        ``(0, inf)`` (the default) means no clamp. A list is converted to a tuple.
+      A_init_range: Mamba-2 ``A = -U(lo, hi)`` per head at initialisation (stored as ``A_log``).
+      ssd_impl: ``impl`` passed to :func:`mamba_jax.ops.ssd`.
     """
 
     d_model: int = 768
@@ -93,6 +120,16 @@ class MambaConfig:
     attn_rope_base: float = 10000.0
     attn_qkv_bias: bool = False
     attn_out_bias: bool = False
+    layer: str = "mamba1"
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    d_ssm: int | None = None
+    D_has_hdim: bool = False
+    norm_before_gate: bool = False
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    ssd_impl: str = "auto"
 
     def __post_init__(self):
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
@@ -110,6 +147,58 @@ class MambaConfig:
         if self.scan_impl not in IMPLS + ("auto",):
             raise ValueError(f"MambaConfig.scan_impl={self.scan_impl!r} is not one of {('auto',) + IMPLS}")
         self._validate_mlp_and_attention()
+        self._validate_mamba2()
+
+    def _validate_mamba2(self):
+        if self.layer not in ("mamba1", "mamba2"):
+            raise ValueError(f"MambaConfig.layer={self.layer!r} must be 'mamba1' or 'mamba2'")
+        for name in ("dt_limit", "A_init_range"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(self, name, value)  # frozen: keep the config hashable
+            if (
+                not isinstance(value, tuple)
+                or len(value) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            ):
+                raise ValueError(f"MambaConfig.{name}={value!r} must be a pair of numbers (lo, hi)")
+            object.__setattr__(self, name, (float(value[0]), float(value[1])))
+        lo, hi = self.dt_limit
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"MambaConfig.dt_limit={self.dt_limit!r} must have 0 <= lo <= hi")
+        lo, hi = self.A_init_range
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"MambaConfig.A_init_range={self.A_init_range!r} must have 0 < lo <= hi")
+        for name in ("headdim", "ngroups", "chunk_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"MambaConfig.{name}={value!r} must be a positive int")
+        for name in ("D_has_hdim", "norm_before_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MambaConfig.{name}={getattr(self, name)!r} must be a bool")
+        from mamba_jax.ops.ssd import SSD_IMPLS
+
+        if self.ssd_impl not in SSD_IMPLS + ("auto",):
+            raise ValueError(f"MambaConfig.ssd_impl={self.ssd_impl!r} is not one of {('auto',) + SSD_IMPLS}")
+        if self.d_ssm is not None and (not _is_int(self.d_ssm) or self.d_ssm < 1):
+            raise ValueError(f"MambaConfig.d_ssm={self.d_ssm!r} must be None or a positive int")
+        if self.layer != "mamba2":
+            return  # the geometry below only matters for Mamba-2 layers
+        if not self.selective:
+            raise ValueError("MambaConfig.selective=False (the LTI ablation) exists for layer='mamba1' only")
+        d_ssm = self.resolved_d_ssm
+        if d_ssm > self.d_inner:
+            raise ValueError(f"MambaConfig.d_ssm={d_ssm} must be <= d_inner = expand * d_model = {self.d_inner}")
+        if d_ssm % self.headdim:
+            raise ValueError(
+                f"MambaConfig.headdim={self.headdim} must divide d_ssm={d_ssm} "
+                f"({'d_inner = expand * d_model' if self.d_ssm is None else 'd_ssm'})"
+            )
+        if self.nheads % self.ngroups:
+            raise ValueError(
+                f"MambaConfig.ngroups={self.ngroups} must divide the number of heads d_ssm / headdim = {self.nheads}"
+            )
 
     def _validate_mlp_and_attention(self):
         if not _is_int(self.d_intermediate) or self.d_intermediate < 0:
@@ -156,6 +245,20 @@ class MambaConfig:
     @property
     def d_inner(self) -> int:
         return self.expand * self.d_model
+
+    @property
+    def resolved_d_ssm(self) -> int:
+        """Mamba-2 channels through the SSM (``d_inner`` when ``d_ssm`` is None)."""
+        return self.d_inner if self.d_ssm is None else self.d_ssm
+
+    @property
+    def nheads(self) -> int:
+        """Mamba-2 heads (h = ``d_ssm / headdim``)."""
+        return self.resolved_d_ssm // self.headdim
+
+    @property
+    def is_mamba2(self) -> bool:
+        return self.layer == "mamba2"
 
     @property
     def resolved_dt_rank(self) -> int:
@@ -256,3 +359,44 @@ class MambaConfig:
     @classmethod
     def mamba_2_8b(cls, **kw) -> "MambaConfig":
         return cls(**{"d_model": 2560, "n_layer": 64, **kw})
+
+    # Presets of the reference Mamba-2 checkpoints (state-spaces/mamba2-*, config.json:
+    # ssm_cfg {"layer": "Mamba2"} with the Mamba2 defaults d_state 128, headdim 64,
+    # ngroups 1, expand 2, d_conv 4, chunk_size 256; vocab 50277 padded to 16; tied).
+    @classmethod
+    def mamba2(cls, d_model: int, n_layer: int, **kw) -> "MambaConfig":
+        """A Mamba-2 model with the reference defaults (the ``mamba2_*`` presets)."""
+        return cls(
+            **{
+                "d_model": d_model,
+                "n_layer": n_layer,
+                "vocab_size": 50277,
+                "pad_vocab_size_multiple": 16,
+                "layer": "mamba2",
+                "d_state": 128,
+                "headdim": 64,
+                "ngroups": 1,
+                "chunk_size": 256,
+                **kw,
+            }
+        )
+
+    @classmethod
+    def mamba2_130m(cls, **kw) -> "MambaConfig":
+        return cls.mamba2(768, 24, **kw)
+
+    @classmethod
+    def mamba2_370m(cls, **kw) -> "MambaConfig":
+        return cls.mamba2(1024, 48, **kw)
+
+    @classmethod
+    def mamba2_780m(cls, **kw) -> "MambaConfig":
+        return cls.mamba2(1536, 48, **kw)
+
+    @classmethod
+    def mamba2_1_3b(cls, **kw) -> "MambaConfig":
+        return cls.mamba2(2048, 48, **kw)
+
+    @classmethod
+    def mamba2_2_7b(cls, **kw) -> "MambaConfig":
+        return cls.mamba2(2560, 64, **kw)

@@ -16,13 +16,14 @@ from mamba_jax.cache import AttentionLayerCache, MambaCache, MambaLayerCache
 from mamba_jax.config import MambaConfig
 from mamba_jax.nn.init import partitioned
 from mamba_jax.nn.mamba import Block, RMSNorm
+from mamba_jax.nn.mamba2 import mamba2_cache_zeros
 from mamba_jax.typing import Array, DType, Float, Int
 
 _F32 = jnp.float32
 
 
 class MambaLM(nnx.Module):
-    """A Mamba-1 (or hybrid, or Transformer++) language model (the reference ``MambaLMHeadModel``).
+    """A Mamba-1 or Mamba-2 (or hybrid, or Transformer++) language model (the reference ``MambaLMHeadModel``).
 
     ``model(input_ids)`` runs the parallel forward: (b, l) int -> logits (b, l, v)
     with ``v = config.padded_vocab_size``. ``model(input_ids, cache=cache)``
@@ -97,6 +98,8 @@ class MambaLM(nnx.Module):
                 return AttentionLayerCache.zeros(
                     batch_size, max_length, cfg.resolved_attn_num_heads_kv, cfg.resolved_attn_head_dim, self.dtype
                 )
+            if cfg.is_mamba2:
+                return mamba2_cache_zeros(cfg, batch_size, self.dtype)
             return MambaLayerCache.zeros(batch_size, cfg.d_inner, cfg.d_state, cfg.d_conv, self.dtype)
 
         return MambaCache(layers=tuple(layer(i) for i in range(cfg.n_layer)))
@@ -191,7 +194,7 @@ def _check_left_padding(mask, cache: MambaCache | None) -> None:
         if isinstance(layer, AttentionLayerCache):
             held |= np.asarray(layer.lengths) > 0
         else:  # the state of a row that has seen a real token is not exactly zero
-            held |= np.asarray(jnp.any(layer.ssm_state != 0, axis=(1, 2)))
+            held |= np.asarray(jnp.any(layer.ssm_state != 0, axis=tuple(range(1, layer.ssm_state.ndim))))
     for row in np.flatnonzero(held & ~m[:, 0]):
         raise ValueError(
             f"mask row {row} starts with padding but its cache already holds tokens: the padding would sit "

@@ -28,6 +28,7 @@ from mamba_jax.cache import MambaLayerCache
 from mamba_jax.config import MambaConfig
 from mamba_jax.nn.attention import CausalSelfAttention
 from mamba_jax.nn.init import a_log_init, dt_bias_init, dt_weight_init, partitioned, torch_linear_init
+from mamba_jax.nn.mamba2 import Mamba2Mixer
 from mamba_jax.nn.mlp import GatedMLP
 from mamba_jax.ops import causal_conv1d, selective_scan
 from mamba_jax.typing import Array, DType, Float
@@ -176,8 +177,9 @@ class Block(nnx.Module):
     ``residual += hidden; hidden = mixer(norm(residual))``, then, when
     ``config.d_intermediate > 0``, ``residual += hidden; hidden = mlp(norm2(residual))``.
 
-    The mixer is :class:`MambaMixer`, or causal self-attention for the layers in
-    ``config.attn_layer_idx``. Parameter names are the reference's: ``norm``,
+    The mixer is :class:`MambaMixer` (``config.layer="mamba1"``) or
+    :class:`~mamba_jax.nn.mamba2.Mamba2Mixer` (``"mamba2"``), or causal
+    self-attention for the layers in ``config.attn_layer_idx``. Parameter names are the reference's: ``norm``,
     ``mixer.*``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``; a pure Mamba block has only
     ``norm`` and ``mixer`` (``norm2`` and ``mlp`` are None).
 
@@ -203,6 +205,8 @@ class Block(nnx.Module):
         self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon, **common)
         if config.is_attention_layer(layer_idx):
             self.mixer = CausalSelfAttention(config, **common)
+        elif config.is_mamba2:
+            self.mixer = Mamba2Mixer(config, **common)
         else:
             self.mixer = MambaMixer(config, **common)
         if config.d_intermediate > 0:
