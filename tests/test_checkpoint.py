@@ -12,6 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,11 +52,10 @@ def _leaves(module):
 
 
 def _assert_same(a, b):
-    la, lb = _leaves(a), _leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    """Bit for bit: the same tree, shapes, dtypes and values."""
+    ta, tb = nnx.to_pure_dict(nnx.state(a)), nnx.to_pure_dict(nnx.state(b))
+    chex.assert_trees_all_equal_shapes_and_dtypes(ta, tb)
+    chex.assert_trees_all_equal(ta, tb)
 
 
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
