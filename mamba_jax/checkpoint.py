@@ -87,7 +87,10 @@ from flax import nnx
 __all__ = ["CheckpointManager", "Restored", "CorruptCheckpointError", "CheckpointVersionError", "fingerprint"]
 
 # 2: every model variable (not only nnx.Param) is saved; typed PRNG keys as key data.
+# 1 (parameters only) is still read: onto a model whose variables are all parameters it is the
+# same checkpoint, and onto any other the target mismatch is a ValueError.
 FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 DAMAGED_PREFIX = "_corrupted_"
 _DAMAGED_RE = re.compile(rf"^{DAMAGED_PREFIX}(\d+)_\d+$")
@@ -348,11 +351,13 @@ class CheckpointManager:
             raise
         if not isinstance(meta, Mapping):
             raise CorruptCheckpointError(f"step {step}: metadata is not a JSON object: {type(meta).__name__}")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in _READABLE_VERSIONS:
             raise CheckpointVersionError(
                 f"checkpoint step {step} in {self.directory} has format_version={meta.get('format_version')!r}; "
-                f"this mamba_jax reads format_version={FORMAT_VERSION} (nothing was moved)"
+                f"this mamba_jax reads format_version in {_READABLE_VERSIONS} (nothing was moved)"
             )
+        if meta["format_version"] == 1:
+            meta = {**meta, "typed_keys": {}}  # version 1 saved no typed keys
         missing = [k for k in ("arrays", "fingerprints", "data_state", "rng", "has_optimizer", "typed_keys") if k not in meta]
         if missing:
             raise CorruptCheckpointError(f"step {step}: metadata lacks {missing}")

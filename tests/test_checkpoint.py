@@ -311,6 +311,18 @@ def test_other_format_version_raises_and_moves_nothing(tmp_path):
     _untouched(tmp_path)
 
 
+def test_format_version_1_parameters_only_is_still_read(tmp_path):
+    states = _save_three(tmp_path)
+    meta_file = tmp_path / "3" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["format_version"] = 1  # what the parameters-only writer wrote: no typed_keys
+    del meta["typed_keys"]
+    meta_file.write_text(json.dumps(meta))
+    restored = CheckpointManager(tmp_path).restore(*nnx.eval_shape(_make))
+    assert restored.step == 3
+    chex.assert_trees_all_equal([np.asarray(x) for x in _leaves(restored.model)], states[3])
+
+
 def test_unparsable_metadata_is_damage(tmp_path):
     _save_three(tmp_path)
     (tmp_path / "3" / "meta" / "metadata").write_text('{"format_version": 2, "step"')  # torn
