@@ -77,12 +77,14 @@ def _read_json(path: Path) -> dict:
 
 
 def detect_layout(raw: Mapping) -> str:
-    """``"hf"`` or ``"mamba_ssm"`` from the contents of ``config.json``."""
+    """``"hf"`` or ``"mamba_ssm"`` from the contents of ``config.json`` (``"hf"`` for both
+    ``model_type`` ``"mamba"`` and ``"mamba2"``)."""
     if "model_type" in raw:
-        if raw["model_type"] != "mamba":
+        if raw["model_type"] not in ("mamba", "mamba2"):
             raise ValueError(
                 f"config.json model_type={raw['model_type']!r} is not supported: only Mamba-1 "
-                "('mamba', transformers.MambaForCausalLM) checkpoints load into MambaLM"
+                "('mamba', transformers.MambaForCausalLM) and Mamba-2 ('mamba2', "
+                "transformers.Mamba2ForCausalLM) checkpoints load into MambaLM"
             )
         return "hf"
     if "d_model" in raw:
@@ -178,6 +180,118 @@ _HF_USED = {
 }
 
 
+# Mamba2Config keys: read (_HF2_USED), or ignored on purpose (_HF2_IGNORED): time_step_rank is
+# unused by the Mamba-2 mixer, and transformers' Mamba2 gated norm is always norm(y * silu(z))
+# (norm_before_gate=False), whatever an older config.json says.
+_HF2_USED = {
+    "model_type", "hidden_act", "rms_norm", "hidden_size", "num_hidden_layers", "expand", "intermediate_size",
+    "state_size", "conv_kernel", "num_heads", "head_dim", "n_groups", "chunk_size", "time_step_limit",
+    "time_step_min", "time_step_max", "time_step_floor", "use_conv_bias", "use_bias", "layer_norm_epsilon",
+    "residual_in_fp32", "tie_word_embeddings", "vocab_size",
+}
+_HF2_IGNORED = {"time_step_rank", "norm_before_gate"}
+
+
+def _json_float(value):
+    """``{"__float__": "Infinity"}`` (how transformers >= 5 writes non-finite floats) -> ``inf``."""
+    if isinstance(value, Mapping) and set(value) == {"__float__"}:
+        try:
+            return float(value["__float__"])  # float("Infinity") == inf
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+def _hf2_config_fields(raw: Mapping) -> tuple[dict, int]:
+    """MambaConfig fields of a ``transformers.Mamba2Config`` and the number of vocabulary rows."""
+    unknown = sorted(k for k in raw if k not in _HF_IGNORED and k not in _HF2_USED and k not in _HF2_IGNORED)
+    if unknown:
+        warnings.warn(f"config.json keys not used by mamba_jax (they are ignored): {unknown}", stacklevel=3)
+    act = raw.get("hidden_act", "silu")
+    _check(act == "silu", "hidden_act", act, "the Mamba-2 mixer uses SiLU")
+    _check(_as_bool(raw, "rms_norm", True), "rms_norm", raw.get("rms_norm"), "only RMSNorm is implemented")
+    d_model = _as_int(raw, "hidden_size")
+    expand = _as_int(raw, "expand") if "expand" in raw else 2
+    d_inner = expand * d_model
+    if "intermediate_size" in raw:
+        _check(
+            raw["intermediate_size"] == d_inner, "intermediate_size", raw["intermediate_size"],
+            f"must equal expand * hidden_size = {d_inner}",
+        )
+    head_dim = _as_int(raw, "head_dim") if "head_dim" in raw else 64
+    num_heads = _as_int(raw, "num_heads") if "num_heads" in raw else 128
+    _check(
+        num_heads * head_dim == d_inner, "num_heads", num_heads,
+        f"num_heads * head_dim = {num_heads * head_dim} must equal expand * hidden_size = {d_inner} "
+        "(transformers' Mamba2 has no d_ssm < d_inner)",
+    )
+    limit = raw.get("time_step_limit", [0.0, float("inf")])
+    if isinstance(limit, (list, tuple)):  # transformers >= 5 writes inf as {"__float__": "Infinity"}
+        limit = [_json_float(v) for v in limit]
+    _check(
+        isinstance(limit, (list, tuple)) and len(limit) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit),
+        "time_step_limit", limit, "must be a pair of numbers [lo, hi]",
+    )
+    fields = dict(
+        layer="mamba2",
+        d_model=d_model,
+        n_layer=_as_int(raw, "num_hidden_layers"),
+        d_state=_as_int(raw, "state_size") if "state_size" in raw else 128,
+        d_conv=_as_int(raw, "conv_kernel") if "conv_kernel" in raw else 4,
+        expand=expand,
+        headdim=head_dim,
+        ngroups=_as_int(raw, "n_groups") if "n_groups" in raw else 8,
+        chunk_size=_as_int(raw, "chunk_size") if "chunk_size" in raw else 256,
+        dt_limit=(float(limit[0]), float(limit[1])),
+        dt_min=_as_float(raw, "time_step_min", 0.001),
+        dt_max=_as_float(raw, "time_step_max", 0.1),
+        dt_init_floor=_as_float(raw, "time_step_floor", 1e-4),
+        conv_bias=_as_bool(raw, "use_conv_bias", True),
+        bias=_as_bool(raw, "use_bias", False),
+        norm_epsilon=_as_float(raw, "layer_norm_epsilon", 1e-5),
+        residual_in_fp32=_as_bool(raw, "residual_in_fp32", True),
+        tie_embeddings=_as_bool(raw, "tie_word_embeddings", False),
+    )
+    return fields, _as_int(raw, "vocab_size")
+
+
+_MAMBA_SSM_SSM2 = {
+    "layer", "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
+    "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias",
+    "conv_bias", "chunk_size", "use_mem_eff_path",
+}
+
+
+def _mamba2_ssm_cfg_fields(ssm: Mapping) -> dict:
+    """MambaConfig fields of a mamba_ssm ``ssm_cfg`` with ``layer == "Mamba2"``."""
+    where = "config.json ssm_cfg"
+    for key in ssm:
+        if key not in _MAMBA_SSM_SSM2:
+            raise ValueError(f"{where}: unknown Mamba2 ssm_cfg key {key!r} (known: {sorted(_MAMBA_SSM_SSM2)})")
+    _check(_as_bool(ssm, "rmsnorm", True, where), "ssm_cfg.rmsnorm", ssm.get("rmsnorm"),
+           "Mamba-2 without the gated RMSNorm is not implemented")
+    fields = dict(layer="mamba2")
+    for key, default in (("d_state", 128), ("d_conv", 4), ("expand", 2), ("headdim", 64), ("ngroups", 1),
+                         ("chunk_size", 256)):
+        fields[key] = _as_int(ssm, key, where) if key in ssm else default
+    if ssm.get("d_ssm") is not None:
+        fields["d_ssm"] = _as_int(ssm, "d_ssm", where)
+    for key, default in (("dt_min", 0.001), ("dt_max", 0.1), ("dt_init_floor", 1e-4)):
+        fields[key] = _as_float(ssm, key, default, where)
+    for key in ("dt_limit", "A_init_range"):
+        if key in ssm:
+            value = ssm[key]
+            _check(isinstance(value, (list, tuple)) and len(value) == 2, f"ssm_cfg.{key}", value,
+                   "must be a pair of numbers", "config.json")
+            fields[key] = tuple(value)
+    fields["D_has_hdim"] = _as_bool(ssm, "D_has_hdim", False, where)
+    fields["norm_before_gate"] = _as_bool(ssm, "norm_before_gate", False, where)
+    fields["conv_bias"] = _as_bool(ssm, "conv_bias", True, where)
+    fields["bias"] = _as_bool(ssm, "bias", False, where)
+    return fields  # conv_init and use_mem_eff_path change neither the weights nor the forward
+
+
 def _mamba_ssm_config_fields(raw: Mapping) -> tuple[dict, int, int]:
     """MambaConfig fields, the vocabulary size and the padding multiple of a mamba_ssm config."""
     for key in raw:
@@ -186,11 +300,12 @@ def _mamba_ssm_config_fields(raw: Mapping) -> tuple[dict, int, int]:
     ssm = raw.get("ssm_cfg") or {}
     if not isinstance(ssm, Mapping):
         raise ValueError(f"config.json: ssm_cfg={ssm!r} must be a dict")
-    for key in ssm:
-        if key not in _MAMBA_SSM_SSM:
-            raise ValueError(f"config.json: unknown ssm_cfg key {key!r} (known: {sorted(_MAMBA_SSM_SSM)})")
     layer = ssm.get("layer", "Mamba1")
-    _check(layer == "Mamba1", "ssm_cfg.layer", layer, "only Mamba-1 layers load into MambaLM")
+    _check(layer in ("Mamba1", "Mamba2"), "ssm_cfg.layer", layer, "only Mamba1 and Mamba2 layers load into MambaLM")
+    if layer == "Mamba1":
+        for key in ssm:
+            if key not in _MAMBA_SSM_SSM:
+                raise ValueError(f"config.json: unknown ssm_cfg key {key!r} (known: {sorted(_MAMBA_SSM_SSM)})")
     _check(_as_bool(raw, "rms_norm", True), "rms_norm", raw.get("rms_norm"), "only RMSNorm is implemented (LayerNorm is not)")
     d_int = raw.get("d_intermediate", 0)
     _check(
@@ -204,6 +319,16 @@ def _mamba_ssm_config_fields(raw: Mapping) -> tuple[dict, int, int]:
         "importing mamba_ssm hybrids with attention layers is not implemented "
         "(MambaLM builds them from MambaConfig.attn_layer_idx, but from_pretrained does not convert them)",
     )
+    common = dict(
+        d_model=_as_int(raw, "d_model"),
+        n_layer=_as_int(raw, "n_layer"),
+        residual_in_fp32=_as_bool(raw, "residual_in_fp32", True),
+        tie_embeddings=_as_bool(raw, "tie_embeddings", True),
+    )
+    vocab = _as_int(raw, "vocab_size")
+    multiple = _as_int(raw, "pad_vocab_size_multiple") if "pad_vocab_size_multiple" in raw else 8
+    if layer == "Mamba2":
+        return {**common, **_mamba2_ssm_cfg_fields(ssm)}, vocab, multiple
     rank = ssm.get("dt_rank", "auto")
     if rank != "auto":
         rank = _as_int(ssm, "dt_rank", "config.json ssm_cfg")
@@ -261,7 +386,7 @@ def load_config(
     raw = _read_json(Path(path) / "config.json")
     layout = detect_layout(raw)
     if layout == "hf":
-        fields, hf_vocab = _hf_config_fields(raw)
+        fields, hf_vocab = _hf2_config_fields(raw) if raw["model_type"] == "mamba2" else _hf_config_fields(raw)
         n_rows = hf_vocab
         if rows is not None and rows != hf_vocab:
             # Accepted only as the padded size of an unpadded vocab_size the config spells out.
@@ -289,11 +414,12 @@ def load_config(
 
 
 # Written by hf_config_dict from the MambaConfig (or regenerated on save), so not kept as extras.
-_HF_REGENERATED = _HF_USED | {
+_HF_REGENERATED = _HF_USED | _HF2_USED | {
     "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "pad_vocab_size_multiple",
 }
 # transformers.MambaConfig's defaults, written when the model came from nowhere else.
 _TOKEN_ID_DEFAULTS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+_TOKEN_ID_DEFAULTS_MAMBA2 = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}  # transformers.Mamba2Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,9 +459,11 @@ def read_config_extras(path: str | os.PathLike) -> ConfigExtras:
 def hf_config_dict(
     config: MambaConfig, *, vocab_size: int, dtype_name: str, extras: ConfigExtras | None = None
 ) -> dict:
-    """The ``config.json`` of ``transformers.MambaForCausalLM`` for ``config``: the token ids
-    and other fields of ``extras`` (transformers' defaults without), then every field
-    :class:`MambaConfig` determines."""
+    """The ``config.json`` of ``transformers.MambaForCausalLM`` (``Mamba2ForCausalLM`` for
+    ``config.layer == "mamba2"``) for ``config``: the token ids and other fields of ``extras``
+    (transformers' defaults without), then every field :class:`MambaConfig` determines."""
+    if config.is_mamba2:
+        return {**_TOKEN_ID_DEFAULTS_MAMBA2, **(extras or ConfigExtras()).to_dict(), **_hf2_config_dict(config, vocab_size, dtype_name)}
     fields = {
         "architectures": ["MambaForCausalLM"],
         "model_type": "mamba",
@@ -363,3 +491,32 @@ def hf_config_dict(
         "dtype": dtype_name,
     }
     return {**_TOKEN_ID_DEFAULTS, **(extras or ConfigExtras()).to_dict(), **fields}
+
+
+def _hf2_config_dict(config: MambaConfig, vocab_size: int, dtype_name: str) -> dict:
+    return {
+        "architectures": ["Mamba2ForCausalLM"],
+        "model_type": "mamba2",
+        "vocab_size": vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer,
+        "state_size": config.d_state,
+        "conv_kernel": config.d_conv,
+        "expand": config.expand,
+        "num_heads": config.nheads,
+        "head_dim": config.headdim,
+        "n_groups": config.ngroups,
+        "chunk_size": config.chunk_size,
+        "time_step_limit": list(config.dt_limit),
+        "time_step_min": config.dt_min,
+        "time_step_max": config.dt_max,
+        "time_step_floor": config.dt_init_floor,
+        "use_bias": config.bias,
+        "use_conv_bias": config.conv_bias,
+        "layer_norm_epsilon": config.norm_epsilon,
+        "residual_in_fp32": config.residual_in_fp32,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "pad_vocab_size_multiple": config.pad_vocab_size_multiple,
+        "dtype": dtype_name,
+    }

@@ -10,7 +10,13 @@ Two layouts are read, told apart by ``config.json``:
   ``model.safetensors``, sharded ``model-0000x-of-0000y.safetensors`` with
   ``model.safetensors.index.json``, or ``pytorch_model.bin`` (optionally sharded
   with ``pytorch_model.bin.index.json``).
-* **mamba_ssm** (``MambaLMHeadModel.save_pretrained``, e.g. ``state-spaces/mamba-130m``):
+* **Hugging Face Mamba-2** (``transformers.Mamba2ForCausalLM``, e.g. ``mistralai/Mamba-Codestral-7B-v0.1``):
+  ``"model_type": "mamba2"`` with ``num_heads``, ``head_dim``, ``n_groups``,
+  ``state_size``, ``chunk_size``, ``time_step_limit``, ``time_step_min/max/floor``
+  and the keys above (``tie_word_embeddings`` defaults to false, as in
+  transformers); ``num_heads * head_dim`` must equal ``expand * hidden_size``.
+* **mamba_ssm** (``MambaLMHeadModel.save_pretrained``, e.g. ``state-spaces/mamba-130m``,
+  or ``state-spaces/mamba2-130m`` with ``ssm_cfg.layer == "Mamba2"``):
   ``config.json`` without ``model_type`` and with ``d_model``, ``n_layer``,
   ``vocab_size``, ``ssm_cfg``, ``rms_norm``, ``residual_in_fp32``,
   ``fused_add_norm``, ``pad_vocab_size_multiple``, ``tie_embeddings``; weights in
@@ -122,7 +128,8 @@ def from_pretrained(
 
 def save_pretrained(model: MambaLM, path: str | os.PathLike, *, unpad_vocab: bool = False) -> None:
     """Write ``model`` as a Hugging Face ``MambaForCausalLM`` directory (``config.json`` +
-    ``model.safetensors``) that ``transformers.MambaForCausalLM.from_pretrained`` loads.
+    ``model.safetensors``) that ``transformers.MambaForCausalLM.from_pretrained`` loads;
+    a Mamba-2 model (``config.layer == "mamba2"``) as ``Mamba2ForCausalLM``.
 
     With tied embeddings only ``backbone.embeddings.weight`` is written (transformers
     ties ``lm_head.weight`` to it). ``unpad_vocab=True`` writes ``config.vocab_size``

@@ -20,6 +20,8 @@ backbone.layers.{i}.mixer.A_log             layers.{i}.mixer.A_log              
 backbone.layers.{i}.mixer.D                 layers.{i}.mixer.D                          (d,)
 backbone.layers.{i}.mixer.out_proj.weight   layers.{i}.mixer.out_proj.kernel            T (e, d)
 backbone.layers.{i}.mixer.out_proj.bias     layers.{i}.mixer.out_proj.bias              (e,)
+backbone.layers.{i}.mixer.dt_bias           layers.{i}.mixer.dt_bias (Mamba-2)          (h,)
+backbone.layers.{i}.mixer.norm.weight       layers.{i}.mixer.norm.weight (Mamba-2)      (d_ssm,)
 backbone.norm_f.weight                      norm_f.weight                               (e,)
 lm_head.weight                              lm_head.kernel (untied only)                T (v, e)
 ==========================================  ==========================================  ==========
@@ -27,6 +29,11 @@ lm_head.weight                              lm_head.kernel (untied only)        
 With tied embeddings a checkpoint may still carry ``lm_head.weight`` (PyTorch
 ``state_dict`` files do); it must then equal the embedding, and is not loaded
 twice. Any other key, a missing key or a wrong shape is an error naming it.
+
+Mamba-2 (``Mamba2ForCausalLM``, mamba_ssm ``Mamba2``) uses the same keys with
+its own shapes: ``in_proj`` (2 d_mlp + 2 d_ssm + 2 g n + h, e), ``conv1d``
+over ``xBC`` (d_ssm + 2 g n, 1, k), ``A_log`` (h,), ``D`` (h,) or (d_ssm,),
+``dt_bias`` (h,), the gated norm ``norm.weight`` (d_ssm,), ``out_proj`` (e, d).
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ _LAYER_TABLE = [
     ("mixer.dt_proj.bias", ("mixer", "dt_proj", "bias"), _IDENT, _IDENT),
     ("mixer.A_log", ("mixer", "A_log"), _IDENT, _IDENT),
     ("mixer.D", ("mixer", "D"), _IDENT, _IDENT),
+    ("mixer.dt_bias", ("mixer", "dt_bias"), _IDENT, _IDENT),
+    ("mixer.norm.weight", ("mixer", "norm", "weight"), _IDENT, _IDENT),
     ("mixer.out_proj.weight", ("mixer", "out_proj", "kernel"), _t, _t),
     ("mixer.out_proj.bias", ("mixer", "out_proj", "bias"), _IDENT, _IDENT),
 ]
@@ -137,7 +146,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: MambaConfig
             continue
         hit = key_to_path(key)
         if hit is None:
-            raise ValueError(f"unknown checkpoint key {key!r} (not in the Mamba-1 name table)")
+            raise ValueError(f"unknown checkpoint key {key!r} (not in the Mamba-1 / Mamba-2 name table)")
         path, fin = hit
         try:
             out[path] = fin(np.asarray(value))
@@ -152,6 +161,18 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: MambaConfig
 
 
 def check_exportable(config: MambaConfig) -> None:
+    if config.is_mamba2:
+        unsupported = {
+            "d_ssm": (config.d_ssm is not None and config.d_ssm != config.d_inner, "d_ssm < d_inner (an MLP branch)"),
+            "D_has_hdim": (config.D_has_hdim, "D per channel"),
+            "norm_before_gate": (config.norm_before_gate, "norm(y) * silu(z)"),
+        }
+        for name, (bad, what) in unsupported.items():
+            if bad:
+                raise ValueError(
+                    f"config.{name}={getattr(config, name)!r} ({what}) has no Hugging Face Mamba2ForCausalLM "
+                    "equivalent; save the parameters with mamba_jax.checkpoint.CheckpointManager instead"
+                )
     if not config.selective:
         raise ValueError("config.selective=False (the LTI ablation) has no Hugging Face equivalent")
     if config.attn_layer_idx:
