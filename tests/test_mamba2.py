@@ -1,0 +1,360 @@
+"""Mamba-2 models: config and presets, the mixer's initialisation, the recurrent path
+against the parallel forward, generation, and checkpoints against transformers'
+``Mamba2ForCausalLM`` on CPU (random small checkpoints built with transformers).
+
+torch and transformers are test dependencies (as in test_interop): this module
+fails, it does not skip, when they are missing.
+"""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import TOL, random_model, rel_err, teacher_forced_greedy
+from flax import nnx
+
+import mamba_jax as mj
+from mamba_jax.nn.mamba2 import Mamba2Mixer
+
+PARITY_TOL = 1e-4  # float32 logits vs transformers, relative error (as test_interop)
+transformers.logging.set_verbosity_error()
+MEASURED: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_measured():
+    """Prints the parity errors measured in this module at its end (run with -s to see them)."""
+    yield
+    for k, v in sorted(MEASURED.items()):
+        print(f"PARITY {k}: {v:.3e}")
+
+
+def _tiny(**kw) -> mj.MambaConfig:
+    base = dict(d_model=32, n_layer=2, vocab_size=96, layer="mamba2", d_state=8, headdim=16, ngroups=2, chunk_size=8)
+    return mj.MambaConfig(**{**base, **kw})
+
+
+def _ids(vocab, b=2, l=21, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (b, l)), jnp.int32)
+
+
+def _native(config, seed=0):
+    """Every parameter random (NumPy normal scaled by fan-in), not the structured init."""
+    return random_model(config, seed)
+
+
+# --------------------------------------------------------------------------- config and presets
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(layer="mamba3"), r"MambaConfig.layer='mamba3'"),
+        (dict(headdim=24), r"MambaConfig.headdim=24 must divide d_ssm=64"),
+        (dict(ngroups=3), r"MambaConfig.ngroups=3 must divide the number of heads"),
+        (dict(d_ssm=128), r"MambaConfig.d_ssm=128 must be <= d_inner"),
+        (dict(d_ssm=40), r"MambaConfig.headdim=16 must divide d_ssm=40"),
+        (dict(dt_limit=(0.5, 0.1)), r"MambaConfig.dt_limit=\(0.5, 0.1\)"),
+        (dict(dt_limit=(0.1,)), r"MambaConfig.dt_limit=\(0.1,\) must be a pair"),
+        (dict(A_init_range=(0.0, 16.0)), r"MambaConfig.A_init_range"),
+        (dict(chunk_size=0), r"MambaConfig.chunk_size=0"),
+        (dict(ssd_impl="fast"), r"MambaConfig.ssd_impl='fast'"),
+        (dict(D_has_hdim=1), r"MambaConfig.D_has_hdim=1 must be a bool"),
+        (dict(selective=False), r"selective=False.*'mamba1' only"),
+    ],
+)
+def test_config_validation_names_the_field(change, match):
+    with pytest.raises(ValueError, match=match):
+        _tiny(**change)
+
+
+def test_config_lists_become_tuples_and_hash():
+    cfg = _tiny(dt_limit=[0.001, 1], A_init_range=[1, 4])
+    assert cfg.dt_limit == (0.001, 1.0) and cfg.A_init_range == (1.0, 4.0)
+    hash(cfg)
+    assert cfg.nheads == 4 and cfg.resolved_d_ssm == 64 and cfg.is_mamba2
+
+
+# Published state-spaces/mamba2-* config.json: d_model, n_layer (Mamba2 defaults otherwise:
+# d_state 128, headdim 64, ngroups 1, expand 2, d_conv 4, chunk 256; vocab 50277 padded to 16;
+# tied embeddings). Parameter counts of MambaLM with these presets (embedding 50288 x d_model).
+PRESETS = {
+    "mamba2_130m": (768, 24, 128_989_632),
+    "mamba2_370m": (1024, 48, 368_346_624),
+    "mamba2_780m": (1536, 48, 780_161_280),
+    "mamba2_1_3b": (2048, 48, 1_343_757_312),
+    "mamba2_2_7b": (2560, 64, 2_702_599_680),
+}
+
+
+def _param_count(config) -> int:
+    model = nnx.eval_shape(lambda: mj.MambaLM(config, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_match_the_published_configs_and_counts(name):
+    e, n_layer, count = PRESETS[name]
+    cfg = getattr(mj.MambaConfig, name)()
+    assert (cfg.d_model, cfg.n_layer, cfg.layer, cfg.d_state, cfg.headdim, cfg.ngroups, cfg.expand) == (
+        e, n_layer, "mamba2", 128, 64, 1, 2
+    )
+    assert (cfg.chunk_size, cfg.vocab_size, cfg.padded_vocab_size, cfg.tie_embeddings) == (256, 50277, 50288, True)
+    # Abstract models of 1 and 2 layers give the shared part and the per-layer part.
+    one, two = _param_count(cfg.replace(n_layer=1)), _param_count(cfg.replace(n_layer=2))
+    assert one + (n_layer - 1) * (two - one) == count
+    d, h, n = 2 * e, 2 * e // 64, 128
+    per_layer = e * (2 * d + 2 * n + h) + (d + 2 * n) * 5 + 3 * h + d + d * e + e
+    assert two - one == per_layer
+    assert one - per_layer == 50288 * e + e  # embedding + norm_f
+
+
+# --------------------------------------------------------------------------- initialisation
+
+
+def test_mixer_initialisation_statistics():
+    cfg = _tiny(d_model=256, n_layer=4, headdim=8, ngroups=1, dt_min=0.002, dt_max=0.05, A_init_range=(2.0, 8.0))
+    mixer = Mamba2Mixer(cfg, rngs=nnx.Rngs(0))
+    h = cfg.nheads  # 64
+    A = np.exp(np.asarray(mixer.A_log[...]))
+    assert A.shape == (h,) and A.min() >= 2.0 and A.max() <= 8.0 and A.std() > 1.0  # U(2, 8): std 1.73
+    dt = np.asarray(jax.nn.softplus(mixer.dt_bias[...]))  # the inverse softplus is undone exactly
+    assert dt.min() >= 0.002 * (1 - 1e-4) and dt.max() <= 0.05 * (1 + 1e-4)
+    log_dt = np.log(dt)  # log-uniform: log dt uniform on [log 0.002, log 0.05]
+    assert abs(log_dt.mean() - (math.log(0.002) + math.log(0.05)) / 2) < 0.3
+    np.testing.assert_array_equal(np.asarray(mixer.D[...]), np.ones(h))
+    np.testing.assert_array_equal(np.asarray(mixer.norm.weight[...]), np.ones(cfg.d_inner))
+    conv = np.asarray(mixer.conv1d.kernel[...])
+    assert conv.shape == (4, cfg.d_inner + 2 * cfg.d_state) and np.abs(conv).max() <= 0.5  # U(+-1/sqrt(k))
+    assert abs(conv.std() - 0.5 / math.sqrt(3)) < 0.02
+    w_in = np.asarray(mixer.in_proj.kernel[...])
+    assert w_in.shape == (256, 2 * 512 + 2 * cfg.d_state + h)
+    assert abs(w_in.std() - 1 / math.sqrt(3 * 256)) < 0.002
+    w_out = np.asarray(mixer.out_proj.kernel[...])  # torch default / sqrt(n_layer)
+    assert np.abs(w_out).max() <= 1 / math.sqrt(512) / 2 + 1e-7
+    assert abs(w_out.std() - 1 / math.sqrt(3 * 512) / 2) < 0.001
+    assert mixer.in_proj.bias is None and mixer.out_proj.bias is None
+
+
+def test_a_init_is_uniform_not_the_hf_arange():
+    a = np.exp(np.asarray(Mamba2Mixer(_tiny(d_model=512, headdim=8, ngroups=1), rngs=nnx.Rngs(1)).A_log[...]))
+    assert 1.0 <= a.min() and a.max() <= 16.0 and abs(a.mean() - 8.5) < 1.0
+
+
+# --------------------------------------------------------------------------- recurrent path, padding, generation
+
+RECURRENT_CASES = {
+    "g2": dict(),
+    "g1-dssm-mlp-branch": dict(ngroups=1, d_ssm=32),
+    "Dhdim-dtlimit-normfirst": dict(D_has_hdim=True, dt_limit=(0.01, 0.5), norm_before_gate=True, conv_bias=False),
+    "hybrid-attn-mlp": dict(n_layer=3, attn_layer_idx=(1,), attn_num_heads=4, d_intermediate=48),
+    "reference-impl": dict(ssd_impl="reference", bias=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECURRENT_CASES))
+def test_prompt_chunk_and_tokens_equal_the_parallel_forward(case):
+    cfg = _tiny(**RECURRENT_CASES[case])
+    model = _native(cfg, seed=1)
+    ids = _ids(cfg.vocab_size, l=21)
+    full = model(ids)
+    cache = model.init_cache(2, max_length=32)
+    assert cache.layers[0 if 0 not in cfg.attn_layer_idx else 1].ssm_state.shape == (2, cfg.nheads, 16, 8)
+    pieces = []
+    for lo, hi in [(0, 9), (9, 13)] + [(t, t + 1) for t in range(13, 21)]:  # prompt, a chunk, tokens
+        logits, cache = model(ids[:, lo:hi], cache=cache)
+        pieces.append(logits)
+    err = rel_err(jnp.concatenate(pieces, axis=1), full)
+    assert err < TOL["float32"], err
+
+
+def test_one_token_step_is_ssd_step_under_jit():
+    cfg = _tiny()
+    model = _native(cfg, seed=2)
+    ids = _ids(cfg.vocab_size, l=5)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, cache, tok):
+        return nnx.merge(graphdef, state)(tok, cache=cache)
+
+    cache = model.init_cache(2)
+    outs = []
+    for t in range(5):
+        logits, cache = step(state, cache, ids[:, t : t + 1])
+        outs.append(logits)
+    assert rel_err(jnp.concatenate(outs, axis=1), model(ids)) < TOL["float32"]
+    assert cache.layers[0].ssm_state.dtype == jnp.float32
+    assert cache.layers[0].conv_state.shape == (2, 3, 64 + 2 * 2 * 8)
+
+
+def test_left_padding_gives_each_row_its_own_logits():
+    cfg = _tiny()
+    model = _native(cfg, seed=3)
+    ids = _ids(cfg.vocab_size, b=2, l=11)
+    mask = jnp.asarray([[True] * 11, [False] * 4 + [True] * 7])
+    logits, _ = model(ids, cache=model.init_cache(2), mask=mask)
+    alone = model(ids[1:, 4:])
+    assert rel_err(logits[1, 4:], alone[0]) < TOL["float32"]
+    assert rel_err(logits[0], model(ids[:1])[0]) < TOL["float32"]
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_generate_matches_step_by_step_argmax(hybrid):
+    cfg = _tiny(**(dict(n_layer=3, attn_layer_idx=(2,), attn_num_heads=2) if hybrid else {}))
+    model = _native(cfg, seed=4)
+    prompts = [[5, 7, 11, 13, 2, 3], [17, 19, 23]]  # ragged: left padded by generate
+    out = mj.generate(model, prompts, max_new_tokens=6, temperature=0.0)
+    want = teacher_forced_greedy(model, prompts, steps=6, length=12, vocab=cfg.vocab_size)
+    assert np.asarray(out).tolist() == want
+
+
+def test_gradients_are_finite():
+    cfg = _tiny()
+    model = _native(cfg, seed=5)
+    ids = _ids(cfg.vocab_size, l=12)
+
+    def loss(model):
+        logits = model(ids[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1))
+
+    grads = nnx.grad(loss)(model)
+    leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert float(jnp.abs(grads.layers[0].mixer.A_log[...]).sum()) > 0
+
+
+# --------------------------------------------------------------------------- checkpoints vs transformers
+
+
+def _hf_mamba2(seed=0, **kw) -> transformers.Mamba2ForCausalLM:
+    """A random transformers Mamba2 with the per-head parameters and norms perturbed away from their init."""
+    torch.manual_seed(seed)
+    cfg = dict(num_heads=4, head_dim=16, hidden_size=32, expand=2, state_size=8, n_groups=1, num_hidden_layers=2,
+               vocab_size=96, chunk_size=8, conv_kernel=4, tie_word_embeddings=False)
+    model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**{**cfg, **kw})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.2 * torch.randn_like(p) if "A_log" not in name else 0.3 * torch.rand_like(p))
+    return model
+
+
+def _ref_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids))).logits.float().numpy()
+
+
+HF_CASES = {
+    "g1-untied-l21": (dict(), 21),
+    "g1-tied-l21": (dict(tie_word_embeddings=True), 21),
+    "g2-untied-l19": (dict(n_groups=2), 19),
+    "g4-tied-l30-bias-dtlimit": (dict(n_groups=4, use_bias=True, time_step_limit=(0.01, 0.3)), 30),
+    "g2-noconvbias-k3-l5": (dict(n_groups=2, use_conv_bias=False, conv_kernel=3, layer_norm_epsilon=1e-6), 5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_hf_mamba2_parity(case, tmp_path):
+    kw, length = HF_CASES[case]
+    hf = _hf_mamba2(**kw)
+    hf.save_pretrained(tmp_path)
+    model = mj.from_pretrained(tmp_path)
+    assert model.config.layer == "mamba2" and model.config.chunk_size == 8
+    ids = _ids(96, l=length)
+    err = rel_err(np.asarray(model(ids))[..., :96], _ref_logits(hf, ids))
+    MEASURED[f"hf-mamba2 {case} float32"] = err
+    assert err < PARITY_TOL, err
+
+
+def test_hf_mamba2_parity_bfloat16(tmp_path):
+    """bf16 parameters and compute against transformers in float32 (the rounding of bf16 only)."""
+    hf = _hf_mamba2(n_groups=2)
+    hf.save_pretrained(tmp_path)
+    model = mj.from_pretrained(tmp_path, param_dtype=jnp.bfloat16)
+    ids = _ids(96, l=21)
+    ours = np.asarray(model(ids).astype(jnp.float32))[..., :96]
+    err = rel_err(ours, _ref_logits(hf, ids))
+    MEASURED["hf-mamba2 g2-untied-l21 bfloat16 vs float32 reference"] = err
+    assert err < TOL["bfloat16"], err
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_pretrained_round_trip_through_transformers(tied, tmp_path):
+    cfg = _tiny(ngroups=2, tie_embeddings=tied, dt_limit=(0.001, 0.5), vocab_size=90)
+    model = _native(cfg, seed=6)
+    mj.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "mamba2" and config["architectures"] == ["Mamba2ForCausalLM"]
+    back = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path).eval()
+    assert tuple(back.config.time_step_limit) == (0.001, 0.5)
+    ids = _ids(90, l=19)
+    err = rel_err(_ref_logits(back, ids), np.asarray(model(ids)))
+    MEASURED[f"round trip {'tied' if tied else 'untied'}"] = err
+    assert err < PARITY_TOL, err
+    again = mj.from_pretrained(tmp_path)
+    np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))
+    # transformers' own save, loaded again here: its time_step_limit inf is {"__float__": "Infinity"}
+    back.config.time_step_limit = (0.0, float("inf"))
+    back.save_pretrained(tmp_path / "hf")
+    assert mj.from_pretrained(tmp_path / "hf").config.dt_limit == (0.0, float("inf"))
+
+
+def test_mamba_ssm_mamba2_directory(tmp_path):
+    """The layout of mamba_ssm's MambaLMHeadModel.save_pretrained with ssm_cfg.layer == "Mamba2"."""
+    hf = _hf_mamba2(seed=7, n_groups=2, tie_word_embeddings=True)
+    path = tmp_path / "ssm"
+    path.mkdir()
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+    torch.save(sd, path / "pytorch_model.bin")
+    c = hf.config
+    config = {
+        "d_model": c.hidden_size, "d_intermediate": 0, "n_layer": c.num_hidden_layers, "vocab_size": 96,
+        "ssm_cfg": {"layer": "Mamba2", "d_state": c.state_size, "headdim": c.head_dim, "ngroups": c.n_groups,
+                    "chunk_size": c.chunk_size, "expand": 2, "d_conv": 4},
+        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+        "pad_vocab_size_multiple": 16, "tie_embeddings": True,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    model = mj.from_pretrained(path)
+    assert model.config.ngroups == 2 and model.config.padded_vocab_size == 96
+    ids = _ids(96, l=13)
+    err = rel_err(np.asarray(model(ids)), _ref_logits(hf, ids))
+    MEASURED["mamba_ssm Mamba2 directory"] = err
+    assert err < PARITY_TOL, err
+    config["ssm_cfg"]["dt_rank"] = 4
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unknown Mamba2 ssm_cfg key 'dt_rank'"):
+        mj.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"num_heads": 3}, r"num_heads=3 is not supported"),
+        ({"time_step_limit": [0.1]}, r"time_step_limit=\[0.1\]"),
+        ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
+        ({"model_type": "mamba3"}, r"model_type='mamba3' is not supported"),
+    ],
+)
+def test_error_unsupported_hf_mamba2_config(change, match, tmp_path):
+    _hf_mamba2().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        mj.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [(dict(D_has_hdim=True), "D_has_hdim=True"), (dict(d_ssm=32), "d_ssm=32"), (dict(norm_before_gate=True), "norm_before_gate")],
+)
+def test_save_pretrained_refuses_what_hf_cannot_hold(change, match, tmp_path):
+    model = _native(_tiny(**change))
+    with pytest.raises(ValueError, match=match):
+        mj.save_pretrained(model, tmp_path)
