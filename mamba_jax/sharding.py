@@ -1,0 +1,169 @@
+"""Meshes, logical-axis rules and sharded models, with JAX's own runtime.
+
+Every parameter carries logical axis names (``embed``, ``mlp``, ``vocab``,
+``state``, ``rank``, ``conv``, ``heads``; see ``mamba_jax.nn``). A rule table
+maps each logical name to a mesh axis (or None: replicated along that
+dimension); :func:`shard_model` places every parameter by its names with
+``jax.device_put`` and a ``NamedSharding``, and :func:`init_sharded` builds a
+model directly in that layout, so the full model never exists on one device.
+The computation is then partitioned by XLA (``jax.jit`` propagates the
+shardings): there is no distribution layer of our own.
+
+Mesh axes (:func:`make_mesh`):
+
+* ``data``      batch, parameters replicated;
+* ``fsdp``      batch, and parameters split along their ``embed`` dimension
+  (gathered per layer by XLA when used: fully-sharded data parallelism);
+* ``tensor``    the inner channels (``mlp``), attention heads and the vocabulary;
+* ``sequence``  the time axis of the batch.
+
+What is not here yet: ``shard_map`` around the Pallas kernels (a Mosaic or
+Triton custom call cannot be partitioned by XLA) and the sequence-parallel
+prefix correction of the scan; under a mesh, ``impl="auto"`` keeps working
+because XLA partitions the XLA implementations, but a mesh that splits the
+scan's inputs must not be combined with ``impl="pallas"``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor", "sequence")
+
+# Logical parameter axis -> mesh axis (None: replicated).
+DEFAULT_RULES: Mapping[str, str | None] = {
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "vocab": "tensor",
+    "state": None,
+    "rank": None,
+    "conv": None,
+}
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, *, devices=None) -> Mesh:
+    """A mesh with axes ``("data", "fsdp", "tensor", "sequence")``.
+
+    Absent axes are 1; one axis may be -1: it takes the devices the others leave.
+    The product must equal the number of devices (``jax.devices()`` by default).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "sequence": sequence}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"{name}={size!r} must be a positive int or -1")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {free}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(f"{len(devices)} devices do not divide into the fixed axes' {fixed}: {sizes}")
+        sizes[free[0]] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, there are {len(devices)}")
+    shape = tuple(sizes[a] for a in AXES)
+    return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def _mesh_spec(logical: PartitionSpec, rules: Mapping[str, str | None]) -> PartitionSpec:
+    out = []
+    for name in logical:
+        if name is None:
+            out.append(None)
+        elif name not in rules:
+            raise ValueError(f"logical axis {name!r} has no rule; rules cover {sorted(rules)}")
+        else:
+            out.append(rules[name])
+    return PartitionSpec(*out)
+
+
+def _check_divisible(path: str, shape, spec: PartitionSpec, mesh: Mesh) -> None:
+    for dim, (size, axis) in enumerate(zip(shape, spec)):
+        if axis is not None and size % mesh.shape[axis]:
+            raise ValueError(
+                f"parameter {path} has shape {tuple(shape)}: dimension {dim} ({size}) is not divisible by "
+                f"mesh axis {axis!r} of size {mesh.shape[axis]}; change the mesh or the rules"
+            )
+
+
+def shardings(state, mesh: Mesh, rules: Mapping[str, str | None] | None = None):
+    """The ``NamedSharding`` of every leaf of an NNX ``state`` (parameters by their
+    logical names; other variables, such as RNG counters, replicated)."""
+    rules = DEFAULT_RULES if rules is None else {**DEFAULT_RULES, **rules}
+    specs = nnx.get_partition_spec(state)
+
+    def one(path, leaf, spec):
+        if not isinstance(spec, PartitionSpec):
+            spec = PartitionSpec()
+        mesh_spec = _mesh_spec(spec, rules)
+        _check_divisible(jax.tree_util.keystr(path), np.shape(leaf), mesh_spec, mesh)
+        return NamedSharding(mesh, mesh_spec)
+
+    return jax.tree_util.tree_map_with_path(
+        one, state, specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] | None = None) -> nnx.Module:
+    """Places every variable of ``model`` on ``mesh`` by its logical axes (in place); returns it.
+
+    ``rules`` override entries of :data:`DEFAULT_RULES`, e.g. ``{"embed": None}``
+    to replicate instead of FSDP. A dimension that the chosen mesh axis does not
+    divide is an error naming the parameter.
+    """
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, shardings(state, mesh, rules)))
+    return model
+
+
+def init_sharded(factory, mesh: Mesh, rules: Mapping[str, str | None] | None = None) -> nnx.Module:
+    """Builds ``factory()`` (e.g. ``lambda: MambaLM(cfg, rngs=nnx.Rngs(0))``) directly in
+    its sharded layout: the shapes come from ``nnx.eval_shape``, the values from one
+    ``jax.jit`` whose out shardings place each parameter, so no device ever holds
+    the whole model. The values equal ``shard_model(factory(), mesh)``'s."""
+    abstract = nnx.eval_shape(factory)
+    graphdef, abstract_state = nnx.split(abstract)
+    out = shardings(abstract_state, mesh, rules)
+    state = jax.jit(lambda: nnx.split(factory())[1], out_shardings=out)()
+    return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch over ``data`` x ``fsdp``, time over ``sequence``, the rest replicated."""
+    if ndim < 1:
+        raise ValueError(f"{ndim=} must be at least 1 (the batch dimension)")
+    spec = [BATCH_AXES] + (["sequence"] if ndim >= 2 else []) + [None] * (ndim - 2)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def shard_batch(batch: Mapping[str, jax.Array], mesh: Mesh) -> dict:
+    """Places a dict of (b, l, ...) arrays: b over data x fsdp, l over sequence.
+
+    b must be divisible by ``data * fsdp`` and l by ``sequence``; an error names
+    the array otherwise.
+    """
+    out = {}
+    for name, x in batch.items():
+        x = jax.numpy.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim)
+        for dim, axes in enumerate(sharding.spec):
+            if axes is None:
+                continue
+            size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+            if x.shape[dim] % size:
+                raise ValueError(
+                    f"batch[{name!r}] has shape {tuple(x.shape)}: dimension {dim} ({x.shape[dim]}) is not "
+                    f"divisible by {axes} of size {size}"
+                )
+        out[name] = jax.device_put(x, sharding)
+    return out

@@ -1,0 +1,94 @@
+"""Run on 8 forced CPU devices (tests/test_sharding.py starts it in a subprocess):
+one AdamW step of small Mamba-1 and hybrid models on every mesh layout against
+the single-device run. Prints one JSON line per (model, layout)."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import mamba_jax as mj  # noqa: E402
+from mamba_jax import sharding as mjs  # noqa: E402
+from mamba_jax.train import make_optimizer, train_step  # noqa: E402
+
+LAYOUTS = {
+    "data8": dict(data=8),
+    "fsdp8": dict(fsdp=8),
+    "tensor8": dict(tensor=8),
+    "sequence8": dict(sequence=8),
+    "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
+    "fsdp2_tensor2_sequence2": dict(fsdp=2, tensor=2, sequence=2),
+    "data_rest_tensor4": dict(data=-1, tensor=4),
+}
+MODELS = {
+    "mamba": dict(d_model=32, n_layer=2, vocab_size=64),
+    "hybrid": dict(d_model=32, n_layer=2, vocab_size=64, attn_layer_idx=(1,), attn_num_heads=8,
+                   attn_num_heads_kv=8, d_intermediate=64),
+}
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def tree_rel(a, b):
+    return max(rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def batch_for(seed):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    ids = jax.random.randint(k1, (8, 17), 0, 64)
+    w = (jax.random.uniform(k2, (8, 16)) > 0.2).astype(jnp.float32)
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "weights": w}
+
+
+def step(model, batch):
+    """One AdamW step; also whether every optimizer moment is sharded like its parameter."""
+    optimizer = make_optimizer(model, learning_rate=1e-2, warmup_steps=0, total_steps=10)
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    moments = [m for m in jax.tree.leaves(nnx.state(optimizer, nnx.OptState)) if m.ndim > 0]
+    like_params = all(
+        any(p.shape == m.shape and m.sharding.is_equivalent_to(p.sharding, m.ndim) for p in params) for m in moments
+    )
+    metrics = train_step(model, optimizer, batch)
+    return float(metrics["loss"]), float(metrics["grad_norm"]), nnx.state(model, nnx.Param), like_params
+
+
+QUICK = {"mamba": ["data2_fsdp2_tensor2", "fsdp2_tensor2_sequence2"], "hybrid": ["data2_fsdp2_tensor2"]}
+
+
+def main():
+    assert len(jax.devices()) == 8, jax.devices()
+    layouts = QUICK if "--quick" in sys.argv else {m: list(LAYOUTS) for m in MODELS}
+    batch = batch_for(0)
+    for model_name, kw in MODELS.items():
+        cfg = mj.MambaConfig(**kw)
+        factory = lambda: mj.MambaLM(cfg, rngs=nnx.Rngs(0))
+        loss0, gn0, params0, _ = step(factory(), batch)
+        for layout in layouts[model_name]:
+            axes = LAYOUTS[layout]
+            mesh = mjs.make_mesh(**axes)
+            model = mjs.init_sharded(factory, mesh)
+            init_err = tree_rel(nnx.state(model, nnx.Param), nnx.state(factory(), nnx.Param))
+            in_proj = model.layers[0].mixer.in_proj.kernel[...] if model_name == "mamba" else model.embedding.embedding[...]
+            shard_shape = in_proj.addressable_shards[0].data.shape
+            split = shard_shape != in_proj.shape or all(v == 1 for k, v in mesh.shape.items() if k in ("fsdp", "tensor"))
+            loss, gn, params, opt_like_params = step(model, mjs.shard_batch(batch, mesh))
+            row = dict(model=model_name, layout=layout, mesh=dict(mesh.shape), init_err=init_err,
+                       loss_err=abs(loss - loss0) / abs(loss0), grad_norm_err=abs(gn - gn0) / abs(gn0),
+                       param_err=tree_rel(params, params0), split=bool(split), shard_shape=list(shard_shape),
+                       full_shape=list(in_proj.shape), opt_like_params=opt_like_params)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
