@@ -367,3 +367,55 @@ def test_save_pretrained_refuses_what_hf_cannot_hold(change, match, tmp_path):
     model = _native(_tiny(**change))
     with pytest.raises(ValueError, match=match):
         mj.save_pretrained(model, tmp_path)
+
+
+def _write_mamba_ssm_hybrid(model, path, attn_cfg, ssm_cfg):
+    """``model`` in the layout of mamba_ssm's MambaLMHeadModel.save_pretrained (names from the name table)."""
+    from mamba_jax.interop import safetensors_io
+    from mamba_jax.interop.names import path_to_key
+
+    cfg = model.config
+    tensors = {}
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        key, fout = path_to_key(p, embed_key="backbone.embedding.weight")
+        tensors[key] = np.ascontiguousarray(fout(np.asarray(var.get_value())))
+    path.mkdir()
+    safetensors_io.save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = {
+        "d_model": cfg.d_model, "d_intermediate": cfg.d_intermediate, "n_layer": cfg.n_layer,
+        "vocab_size": cfg.vocab_size, "ssm_cfg": ssm_cfg, "attn_layer_idx": list(cfg.attn_layer_idx),
+        "attn_cfg": attn_cfg, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+        "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple, "tie_embeddings": cfg.tie_embeddings,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("layer", ["mamba1", "mamba2"])
+def test_mamba_ssm_hybrid_directory(layer, tmp_path):
+    """attn_layer_idx + attn_cfg (the reference MHA arguments) + d_intermediate (a multiple of 128)."""
+    attn_cfg = {"causal": True, "num_heads": 4, "num_heads_kv": 2, "head_dim": 8, "rotary_emb_dim": 4,
+                "qkv_proj_bias": True, "out_proj_bias": False}
+    kw = dict(attn_layer_idx=(1,), attn_num_heads=4, attn_num_heads_kv=2, attn_head_dim=8, attn_rotary_dim=4,
+              attn_qkv_bias=True, attn_out_bias=False, d_intermediate=128, n_layer=3)
+    if layer == "mamba2":
+        cfg, ssm_cfg = _tiny(**kw), {"layer": "Mamba2", "d_state": 8, "headdim": 16, "ngroups": 2, "chunk_size": 8}
+    else:
+        cfg, ssm_cfg = mj.MambaConfig(d_model=32, vocab_size=96, d_state=8, **kw), {"layer": "Mamba1", "d_state": 8}
+    model = _native(cfg, seed=8)
+    path = _write_mamba_ssm_hybrid(model, tmp_path / "ssm", attn_cfg, ssm_cfg)
+    config = json.loads((path / "config.json").read_text())
+    config["d_intermediate"] = 100  # the reference GatedMLP rounds it up to 128
+    (path / "config.json").write_text(json.dumps(config))
+    loaded = mj.from_pretrained(path)
+    assert loaded.config == cfg
+    ids = _ids(96, l=11)
+    np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
+    config["attn_cfg"]["d_conv"] = 4  # as mamba2attn-2.7b
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"attn_cfg.d_conv=4 is not supported"):
+        mj.from_pretrained(path)
+    config["attn_cfg"] = {"num_heads": 4, "causal": True, "window": 3}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unknown attn_cfg key 'window'"):
+        mj.from_pretrained(path)

@@ -292,6 +292,57 @@ def _mamba2_ssm_cfg_fields(ssm: Mapping) -> dict:
     return fields  # conv_init and use_mem_eff_path change neither the weights nor the forward
 
 
+# mamba_ssm MHA arguments (attn_cfg) -> MambaConfig fields, with the reference MHA defaults.
+_ATTN_CFG = {
+    "num_heads": "attn_num_heads", "num_heads_kv": "attn_num_heads_kv", "head_dim": "attn_head_dim",
+    "rotary_emb_dim": "attn_rotary_dim", "rotary_emb_base": "attn_rope_base",
+    "qkv_proj_bias": "attn_qkv_bias", "out_proj_bias": "attn_out_bias",
+}
+_ATTN_CFG_FIXED = {"causal", "d_conv", "mlp_dim", "softmax_scale", "rotary_emb_interleaved"}
+
+
+def _mamba_ssm_hybrid_fields(raw: Mapping) -> dict:
+    """``d_intermediate``, ``attn_layer_idx`` and ``attn_cfg`` of a mamba_ssm ``MixerModel`` config.
+
+    The reference ``GatedMLP`` rounds its width up to a multiple of 128; MambaConfig's
+    ``d_intermediate`` is that rounded width. ``attn_cfg`` holds the reference ``MHA``
+    arguments, with its defaults (biases on, no RoPE: ``rotary_emb_dim`` 0)."""
+    d_int = _as_int(raw, "d_intermediate") if "d_intermediate" in raw else 0
+    _check(d_int >= 0, "d_intermediate", d_int, "must be >= 0")
+    fields = dict(d_intermediate=-(-d_int // 128) * 128)
+    idx = raw.get("attn_layer_idx") or []
+    if not isinstance(idx, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+        raise ValueError(f"config.json: attn_layer_idx={idx!r} must be a list of ints")
+    attn = raw.get("attn_cfg") or {}
+    if not isinstance(attn, Mapping):
+        raise ValueError(f"config.json: attn_cfg={attn!r} must be a dict")
+    if not idx:
+        return fields  # attn_cfg is unused without attention layers
+    where = "config.json attn_cfg"
+    for key in attn:
+        if key not in _ATTN_CFG and key not in _ATTN_CFG_FIXED:
+            raise ValueError(f"{where}: unknown attn_cfg key {key!r} (known: {sorted(set(_ATTN_CFG) | _ATTN_CFG_FIXED)})")
+    _check(attn.get("causal", False) is True, "attn_cfg.causal", attn.get("causal"), "a language model's attention must be causal")
+    _check(attn.get("d_conv", 0) == 0, "attn_cfg.d_conv", attn.get("d_conv"),
+           "the short convolution inside attention layers (mamba2attn) is not implemented")
+    _check(attn.get("mlp_dim", 0) == 0, "attn_cfg.mlp_dim", attn.get("mlp_dim"),
+           "the MLP fused into attention layers is not implemented")
+    _check(attn.get("softmax_scale") is None, "attn_cfg.softmax_scale", attn.get("softmax_scale"),
+           "only the default 1 / sqrt(head_dim) is implemented")
+    _check(attn.get("rotary_emb_interleaved", False) is False, "attn_cfg.rotary_emb_interleaved",
+           attn.get("rotary_emb_interleaved"), "only the rotate-half (non-interleaved) RoPE is implemented")
+    fields["attn_layer_idx"] = tuple(idx)
+    fields["attn_num_heads"] = _as_int(attn, "num_heads", where)
+    for key in ("num_heads_kv", "head_dim"):
+        if attn.get(key) is not None:
+            fields[_ATTN_CFG[key]] = _as_int(attn, key, where)
+    fields["attn_rotary_dim"] = _as_int(attn, "rotary_emb_dim", where) if "rotary_emb_dim" in attn else 0
+    fields["attn_rope_base"] = _as_float(attn, "rotary_emb_base", 10000.0, where)
+    fields["attn_qkv_bias"] = _as_bool(attn, "qkv_proj_bias", True, where)
+    fields["attn_out_bias"] = _as_bool(attn, "out_proj_bias", True, where)
+    return fields
+
+
 def _mamba_ssm_config_fields(raw: Mapping) -> tuple[dict, int, int]:
     """MambaConfig fields, the vocabulary size and the padding multiple of a mamba_ssm config."""
     for key in raw:
@@ -307,19 +358,8 @@ def _mamba_ssm_config_fields(raw: Mapping) -> tuple[dict, int, int]:
             if key not in _MAMBA_SSM_SSM:
                 raise ValueError(f"config.json: unknown ssm_cfg key {key!r} (known: {sorted(_MAMBA_SSM_SSM)})")
     _check(_as_bool(raw, "rms_norm", True), "rms_norm", raw.get("rms_norm"), "only RMSNorm is implemented (LayerNorm is not)")
-    d_int = raw.get("d_intermediate", 0)
-    _check(
-        d_int == 0, "d_intermediate", d_int,
-        "importing mamba_ssm checkpoints with MLP blocks is not implemented "
-        "(MambaLM builds them from MambaConfig.d_intermediate, but from_pretrained does not convert them)",
-    )
-    attn = raw.get("attn_layer_idx") or []
-    _check(
-        not attn, "attn_layer_idx", attn,
-        "importing mamba_ssm hybrids with attention layers is not implemented "
-        "(MambaLM builds them from MambaConfig.attn_layer_idx, but from_pretrained does not convert them)",
-    )
     common = dict(
+        **_mamba_ssm_hybrid_fields(raw),
         d_model=_as_int(raw, "d_model"),
         n_layer=_as_int(raw, "n_layer"),
         residual_in_fp32=_as_bool(raw, "residual_in_fp32", True),
@@ -333,8 +373,7 @@ def _mamba_ssm_config_fields(raw: Mapping) -> tuple[dict, int, int]:
     if rank != "auto":
         rank = _as_int(ssm, "dt_rank", "config.json ssm_cfg")
     fields = dict(
-        d_model=_as_int(raw, "d_model"),
-        n_layer=_as_int(raw, "n_layer"),
+        **common,
         d_state=_as_int(ssm, "d_state", "ssm_cfg") if "d_state" in ssm else 16,
         d_conv=_as_int(ssm, "d_conv", "ssm_cfg") if "d_conv" in ssm else 4,
         expand=_as_int(ssm, "expand", "ssm_cfg") if "expand" in ssm else 2,
@@ -346,10 +385,8 @@ def _mamba_ssm_config_fields(raw: Mapping) -> tuple[dict, int, int]:
         dt_init_floor=_as_float(ssm, "dt_init_floor", 1e-4, "config.json ssm_cfg"),
         conv_bias=_as_bool(ssm, "conv_bias", True, "config.json ssm_cfg"),
         bias=_as_bool(ssm, "bias", False, "config.json ssm_cfg"),
-        residual_in_fp32=_as_bool(raw, "residual_in_fp32", True),
-        tie_embeddings=_as_bool(raw, "tie_embeddings", True),
     )
-    return fields, _as_int(raw, "vocab_size"), _as_int(raw, "pad_vocab_size_multiple") if "pad_vocab_size_multiple" in raw else 8
+    return fields, vocab, multiple
 
 
 def _resolve_vocab(rows: int, vocab_size: int, multiple: int | None, where: str) -> tuple[int, int]:

@@ -30,6 +30,11 @@ With tied embeddings a checkpoint may still carry ``lm_head.weight`` (PyTorch
 ``state_dict`` files do); it must then equal the embedding, and is not loaded
 twice. Any other key, a missing key or a wrong shape is an error naming it.
 
+The hybrid blocks of mamba_ssm's ``MixerModel`` add ``backbone.layers.{i}.norm2.weight``
+and ``mlp.fc1.weight`` / ``mlp.fc2.weight`` (T, the gated MLP); an attention layer's
+``mixer.in_proj`` (fused q/k/v) and ``mixer.out_proj`` (weights and biases) use the
+mixer rows above.
+
 Mamba-2 (``Mamba2ForCausalLM``, mamba_ssm ``Mamba2``) uses the same keys with
 its own shapes: ``in_proj`` (2 d_mlp + 2 d_ssm + 2 g n + h, e), ``conv1d``
 over ``xBC`` (d_ssm + 2 g n, 1, k), ``A_log`` (h,), ``D`` (h,) or (d_ssm,),
@@ -80,6 +85,9 @@ _LAYER_TABLE = [
     ("mixer.norm.weight", ("mixer", "norm", "weight"), _IDENT, _IDENT),
     ("mixer.out_proj.weight", ("mixer", "out_proj", "kernel"), _t, _t),
     ("mixer.out_proj.bias", ("mixer", "out_proj", "bias"), _IDENT, _IDENT),
+    ("norm2.weight", ("norm2", "weight"), _IDENT, _IDENT),
+    ("mlp.fc1.weight", ("mlp", "fc1", "kernel"), _t, _t),
+    ("mlp.fc2.weight", ("mlp", "fc2", "kernel"), _t, _t),
 ]
 _GLOBAL_TABLE = [
     ("backbone.embeddings.weight", ("embedding", "embedding"), _IDENT, _IDENT),
