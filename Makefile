@@ -4,7 +4,8 @@
 #             for the comparisons with transformers. demo, bench and test-all use it.
 #   .venv312  Python 3.12 (PYTHON_NEWEST): the newest jax, as Colab and TPU VMs have it;
 #             no torch (PyPI has only CUDA builds for 3.12: ~0.8 GB to download, ~5 GB
-#             installed), so tests/test_interop.py, which needs it, runs in .venv only.
+#             installed), so the test modules that import torch or transformers (the
+#             comparisons with the reference) run in .venv only.
 #
 # `make test` runs the non-slow suite in both, .venv first, and fails if either fails.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -61,8 +62,8 @@ test-floor: $(VENV)/.installed-test+parity+tpu+experiments
 test-newest: $(VENV312)/.installed-test+tpu+experiments
 	@echo "== tests: $$($(BIN312)/python -c 'import sys, jax; print("Python", sys.version.split()[0], "jax", jax.__version__)')"
 	@skip=; if ! $(BIN312)/python -c "import torch, transformers" 2>/dev/null; then \
-	  echo "== no torch in $(VENV312): tests/test_interop.py (the comparisons with transformers) runs in $(VENV) only"; \
-	  skip=--ignore=tests/test_interop.py; fi; \
+	  for f in $$(grep -lE '^(import|from) (torch|transformers)' tests/test_*.py); do skip="$$skip --ignore=$$f"; done; \
+	  echo "== no torch in $(VENV312): modules that import torch/transformers run in $(VENV) only:$$skip"; fi; \
 	echo '$(TEST_ENV) $(BIN312)/python $(PYTEST) -m "not slow"' $$skip; \
 	$(TEST_ENV) $(BIN312)/python $(PYTEST) -m "not slow" $$skip
 
