@@ -19,7 +19,7 @@ from conftest import TOL, random_model, rel_err, teacher_forced_greedy
 from flax import nnx
 
 import mamba_jax as mj
-from mamba_jax.nn.mamba2 import Mamba2Mixer
+from mamba_jax.nn.mamba2 import Mamba2Mixer, mamba2_cache_zeros
 
 PARITY_TOL = 1e-4  # float32 logits vs transformers, relative error (as test_interop)
 transformers.logging.set_verbosity_error()
@@ -419,3 +419,22 @@ def test_mamba_ssm_hybrid_directory(layer, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"unknown attn_cfg key 'window'"):
         mj.from_pretrained(path)
+
+
+def test_mixer_packed_documents_equal_each_alone():
+    """seq_idx at the mixer: no conv history and no SSD state crosses a boundary, also from a cache."""
+    cfg = _tiny(ssd_impl="chunked")
+    graphdef, state = nnx.split(Mamba2Mixer(cfg, rngs=nnx.Rngs(9)))
+    mixer = jax.jit(lambda x, cache=None, seq_idx=None: nnx.merge(graphdef, state)(x, cache, seq_idx=seq_idx))
+    lengths = [5, 1, 9, 3]  # one-token and chunk-crossing documents
+    x = jax.random.normal(jax.random.key(0), (1, sum(lengths), cfg.d_model))
+    seq_idx = jnp.asarray(np.repeat(np.arange(len(lengths)) * 3, lengths)[None], jnp.int32)  # ids 0, 3, 6, 9
+    packed = mixer(x, seq_idx=seq_idx)
+    starts = np.cumsum([0] + lengths)
+    alone = jnp.concatenate([mixer(x[:, a:b]) for a, b in zip(starts[:-1], starts[1:])], axis=1)
+    assert rel_err(packed, alone) < TOL["float32"]
+    # From a cache: a first call ending inside document 3, then the rest (its first document continues).
+    cache = mamba2_cache_zeros(cfg, 1, jnp.float32)
+    y1, cache = mixer(x[:, :10], cache, seq_idx=seq_idx[:, :10])
+    y2, _ = mixer(x[:, 10:], cache, seq_idx=seq_idx[:, 10:])
+    assert rel_err(jnp.concatenate([y1, y2], axis=1), alone) < TOL["float32"]

@@ -41,7 +41,7 @@ from mamba_jax.nn.init import dt_bias_init, partitioned, torch_linear_init
 from mamba_jax.ops import causal_conv1d, ssd, ssd_step
 from mamba_jax.typing import Array, DType, Float
 
-__all__ = ["RMSNormGated", "XBCConv1d", "Mamba2Mixer", "a_log_uniform_init", "mamba2_cache_zeros"]
+__all__ = ["RMSNormGated", "XBCConv1d", "Mamba2Mixer", "segmented_causal_conv1d", "a_log_uniform_init", "mamba2_cache_zeros"]
 
 _F32 = jnp.float32
 
@@ -66,6 +66,35 @@ def mamba2_cache_zeros(config: MambaConfig, batch_size: int, dtype: DType) -> Ma
     )
 
 
+def segmented_causal_conv1d(x, kernel, bias, conv_state, seq_idx):
+    """:func:`mamba_jax.ops.causal_conv1d` that does not reach across documents.
+
+    ``seq_idx`` (b, l), nondecreasing per row: an output sums only the inputs of
+    its own document. ``conv_state`` (the inputs before ``x``) belongs to the
+    first document of each row, as the SSD ``initial_state`` does; the returned
+    state keeps only the inputs of the last document (zeros elsewhere), so the
+    next call continues that document. Returns ``y``, or ``(y, new_state)`` with
+    ``conv_state``.
+    """
+    k = kernel.shape[0]
+    b, l, c = x.shape
+    state = jnp.zeros((b, k - 1, c), x.dtype) if conv_state is None else conv_state.astype(x.dtype)
+    xp = jnp.concatenate([state, x], axis=1)
+    docs = jnp.concatenate([jnp.broadcast_to(seq_idx[:, :1], (b, k - 1)), seq_idx], axis=1)
+    kernel = kernel.astype(x.dtype)
+    y = jnp.zeros_like(x)
+    for j in range(k):
+        same = (docs[:, j : j + l] == seq_idx)[..., None]
+        y = y + jnp.where(same, xp[:, j : j + l], jnp.zeros_like(x)) * kernel[j]
+    if bias is not None:
+        y = y + bias.astype(x.dtype)
+    if conv_state is None:
+        return y
+    tail = xp[:, l:]
+    tail = jnp.where((docs[:, l:] == seq_idx[:, -1:])[..., None], tail, jnp.zeros_like(tail))
+    return y, tail.astype(conv_state.dtype)
+
+
 class XBCConv1d(nnx.Module):
     """Depthwise causal convolution over ``xBC``; ``kernel`` (k, c) and ``bias`` (c,) as
     :class:`mamba_jax.nn.mamba.CausalConv1d` (kept apart: ``mamba`` imports this module
@@ -77,8 +106,10 @@ class XBCConv1d(nnx.Module):
         self.kernel = nnx.Param(partitioned(init, ("conv", "mlp"))(rngs.params(), (width, dim), param_dtype))
         self.bias = nnx.Param(partitioned(init, ("mlp",))(rngs.params(), (dim,), param_dtype)) if use_bias else None
 
-    def __call__(self, x, conv_state=None):
+    def __call__(self, x, conv_state=None, seq_idx=None):
         bias = None if self.bias is None else self.bias[...]
+        if seq_idx is not None:
+            return segmented_causal_conv1d(x.astype(self.dtype), self.kernel[...], bias, conv_state, seq_idx)
         return causal_conv1d(x.astype(self.dtype), self.kernel[...], bias, conv_state)
 
 
@@ -185,10 +216,16 @@ class Mamba2Mixer(nnx.Module):
         hidden: Float[Array, "b l e"],
         cache: MambaLayerCache | None = None,
         mask: Array | None = None,
+        seq_idx: Array | None = None,
     ) -> Float[Array, "b l e"] | tuple[Float[Array, "b l e"], MambaLayerCache]:
         """Mixes along time. ``mask`` (b, l) bool marks real tokens: masked steps
         feed zeros to the convolution and leave the SSD state unchanged (dt = 0),
-        so left padding does not change the outputs of the real tokens."""
+        so left padding does not change the outputs of the real tokens.
+
+        ``seq_idx`` (b, l) int, nondecreasing per row: packed documents. Neither the
+        convolution nor the SSD state crosses a change of id, so every document gets
+        the outputs it gets alone; with ``cache`` the cached state continues the first
+        document of the call, and the returned one holds the last document only."""
         cfg = self.config
         b, l, _ = hidden.shape
         d_ssm, h, p, g, n = cfg.resolved_d_ssm, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
@@ -201,10 +238,12 @@ class Mamba2Mixer(nnx.Module):
         keep = None if mask is None else mask[..., None]
         if keep is not None:
             xBC = jnp.where(keep, xBC, jnp.zeros_like(xBC))
+        if seq_idx is not None and (seq_idx.shape != (b, l) or not jnp.issubdtype(seq_idx.dtype, jnp.integer)):
+            raise ValueError(f"seq_idx must be an int array of shape (b, l)={(b, l)}, got {seq_idx.dtype} {seq_idx.shape}")
         if cache is None:
-            xBC = self.conv1d(xBC)
+            xBC = self.conv1d(xBC, seq_idx=seq_idx)
         else:
-            xBC, conv_state = self.conv1d(xBC, cache.conv_state)
+            xBC, conv_state = self.conv1d(xBC, cache.conv_state, seq_idx)
         xBC = jax.nn.silu(xBC)
         if keep is not None:
             xBC = jnp.where(keep, xBC, jnp.zeros_like(xBC))
@@ -235,6 +274,7 @@ class Mamba2Mixer(nnx.Module):
                 chunk_size=cfg.chunk_size,
                 D=D,
                 initial_state=None if cache is None else cache.ssm_state,
+                seq_idx=seq_idx,
                 return_final_state=cache is not None,
                 impl=cfg.ssd_impl,
                 **dt_args,
