@@ -20,29 +20,27 @@ def make_ssd_inputs(seed, b, l, h, p, g, n, *, dtype=jnp.float32, D="head", z=Tr
     dt is drawn so that the processed step is ~0.1: a state remembers tens of
     steps, across several chunks of the sizes tested.
     """
-    ks = jax.random.split(jax.random.key(seed), 9)
-    normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32)
-    if softplus:
-        dt = -2.0 + 0.5 * normal(ks[1], (b, l, h))
-    else:  # already a positive step
-        dt = 0.02 + 0.1 * jnp.abs(normal(ks[1], (b, l, h)))
+    rng = np.random.default_rng(seed)  # NumPy draws and arithmetic: no XLA compilation per shape
+    normal = lambda *shape: rng.standard_normal(shape)
+    dt = -2.0 + 0.5 * normal(b, l, h) if softplus else 0.02 + 0.1 * np.abs(normal(b, l, h))  # else: a positive step
+    to = lambda v, dt_=jnp.float32: jnp.asarray(np.asarray(v, np.float32).astype(dt_))
     args = dict(
-        x=normal(ks[0], (b, l, h, p)).astype(dtype),
-        dt=dt.astype(dtype),
-        A=-jnp.exp(0.5 * normal(ks[2], (h,))),
-        B=normal(ks[3], (b, l, g, n)).astype(dtype),
-        C=normal(ks[4], (b, l, g, n)).astype(dtype),
+        x=to(normal(b, l, h, p), dtype),
+        dt=to(dt, dtype),
+        A=to(-np.exp(0.5 * normal(h))),
+        B=to(normal(b, l, g, n), dtype),
+        C=to(normal(b, l, g, n), dtype),
     )
     if D == "head":
-        args["D"] = normal(ks[5], (h,))
+        args["D"] = to(normal(h))
     elif D == "channel":
-        args["D"] = normal(ks[5], (h, p))
+        args["D"] = to(normal(h, p))
     if z:
-        args["z"] = normal(ks[6], (b, l, h, p)).astype(dtype)
+        args["z"] = to(normal(b, l, h, p), dtype)
     if bias:
-        args["dt_bias"] = 0.5 * normal(ks[7], (h,))
+        args["dt_bias"] = to(0.5 * normal(h))
     if h0:
-        args["initial_state"] = normal(ks[8], (b, h, p, n))
+        args["initial_state"] = to(normal(b, h, p, n))
     return args
 
 
@@ -115,11 +113,12 @@ def test_seq_idx_matches_oracle(impl, h0):
     y_ref, h_ref = _oracle(args, kw, seq_idx)
     assert rel_err(y, y_ref) < TOL["float32"] and rel_err(h, h_ref) < TOL["float32"]
     # No state crosses a boundary: each document run alone gives the same outputs.
+    y, h = np.asarray(y), np.asarray(h)
     for row, lengths in enumerate(SEQ_ROWS):
         start = 0
         for k, ln in enumerate(lengths):
-            part = {name: (v[row : row + 1, start : start + ln] if v.ndim >= 3 else v) for name, v in args.items()
-                    if name != "initial_state"}
+            part = {name: (np.asarray(v)[row : row + 1, start : start + ln] if v.ndim >= 3 else v)
+                    for name, v in args.items() if name != "initial_state"}
             if k == 0 and h0:
                 part["initial_state"] = args["initial_state"][row : row + 1]
             y_doc, h_doc = _oracle(part, kw)
@@ -130,7 +129,7 @@ def test_seq_idx_matches_oracle(impl, h0):
 
 def test_seq_idx_bfloat16_and_ids_need_not_be_dense():
     """Only where the id changes matters: ids 3, 3, 10, 11, ... act like 0, 0, 1, 2, ..."""
-    seq_idx = documents(SEQ_ROWS) * 7 + 3
+    seq_idx = jnp.asarray(np.asarray(documents(SEQ_ROWS)) * 7 + 3)
     args = make_ssd_inputs(41, 2, 29, 4, 3, 2, 4, dtype=jnp.bfloat16)
     kw = dict(chunk_size=8, dt_softplus=True, dt_limit=(0.0, float("inf")))
     y_ref, h_ref = _oracle(args, kw, seq_idx)
@@ -177,9 +176,9 @@ def test_gradients_match_reference(case, dtype):
     if "initial_state" not in args:
         args["initial_state"] = jnp.ones(args["x"].shape[:1] + args["x"].shape[2:] + args["B"].shape[-1:]) * 0.3
     b, l, h, p = args["x"].shape
-    kc = jax.random.split(jax.random.key(99))
-    cot_y = jax.random.normal(kc[0], (b, l, h, p), jnp.float32)
-    cot_h = jax.random.normal(kc[1], args["initial_state"].shape, jnp.float32)
+    rng = np.random.default_rng(99)
+    cot_y = jnp.asarray(rng.standard_normal((b, l, h, p)), jnp.float32)
+    cot_h = jnp.asarray(rng.standard_normal(args["initial_state"].shape), jnp.float32)
     ref = _grads("reference", args, kw, cot_y, cot_h, seq_idx)
     out = _grads("chunked", args, kw, cot_y, cot_h, seq_idx)
     assert set(out) >= {"x", "dt", "A", "B", "C", "D", "initial_state"}
@@ -251,6 +250,21 @@ def test_jit_vmap_compose():
     assert rel_err(y, y_ref) < TOL["float32"]
 
 
+def test_auto_lowers_for_every_platform():
+    """impl="auto" (chunked everywhere) with its backward lowers for cpu, cuda and tpu."""
+    from jax import export
+
+    args = make_ssd_inputs(6, 1, 40, 4, 8, 2, 16, dtype=jnp.bfloat16, D="channel")
+    seq_idx = documents([[15, 1, 24]])
+
+    def loss(a, s):
+        y, h = mj.ops.ssd(**a, chunk_size=16, seq_idx=s, dt_softplus=True, return_final_state=True)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
+
+    exported = export.export(jax.jit(jax.value_and_grad(loss)), platforms=("cpu", "cuda", "tpu"))(args, seq_idx)
+    assert exported.platforms == ("cpu", "cuda", "tpu")
+
+
 # ----------------------------------------------------------------------------
 # ssd_step: the decode update
 # ----------------------------------------------------------------------------
@@ -267,7 +281,8 @@ def test_ssd_step_matches_oracle(dtype, g, D):
     state = args["initial_state"]
     ys = []
     for t in range(10):
-        step = {k: (v[:, t] if k in per_token else v) for k, v in args.items() if k != "initial_state"}
+        step = {k: (jnp.asarray(np.asarray(v)[:, t]) if k in per_token else v) for k, v in args.items()
+                if k != "initial_state"}
         y, state = mj.ops.ssd_step(state, **step, **kw)
         assert y.dtype == args["x"].dtype and y.shape == (2, 4, 3) and state.dtype == jnp.float32
         ys.append(y)
@@ -275,9 +290,9 @@ def test_ssd_step_matches_oracle(dtype, g, D):
     assert rel_err(state, h_ref) < TOL["float32"]
 
     one = {k: (v[:, :1] if k in per_token else v) for k, v in args.items()}
-    kc = jax.random.split(jax.random.key(3))
-    cot_y = jax.random.normal(kc[0], (2, 4, 3), jnp.float32)
-    cot_h = jax.random.normal(kc[1], (2, 4, 3, 5), jnp.float32)
+    rng = np.random.default_rng(3)
+    cot_y = jnp.asarray(rng.standard_normal((2, 4, 3)), jnp.float32)
+    cot_h = jnp.asarray(rng.standard_normal((2, 4, 3, 5)), jnp.float32)
     names = list(one)
 
     def step_loss(*values):
