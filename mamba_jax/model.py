@@ -105,7 +105,11 @@ class MambaLM(nnx.Module):
         return MambaCache(layers=tuple(layer(i) for i in range(cfg.n_layer)))
 
     def __call__(
-        self, input_ids: Int[Array, "b l"], cache: MambaCache | None = None, mask: Array | None = None
+        self,
+        input_ids: Int[Array, "b l"],
+        cache: MambaCache | None = None,
+        mask: Array | None = None,
+        seq_idx: Int[Array, "b l"] | None = None,
     ) -> Float[Array, "b l v"] | tuple[Float[Array, "b l v"], MambaCache]:
         """Logits for ``input_ids``; with ``cache``, also the updated cache.
 
@@ -118,6 +122,11 @@ class MambaLM(nnx.Module):
         the middle), or at the start of a row whose cache already holds tokens,
         would reach the convolution. Outside ``jit`` such a mask raises a
         ValueError naming the row; inside ``jit`` it is not checked.
+
+        ``seq_idx`` (b, l) int, nondecreasing per row: several documents packed in a
+        row; nothing crosses a change of id, so each document gets the logits it gets
+        alone. Implemented for Mamba-2 layers (``config.layer="mamba2"``) only so far:
+        Mamba-1 and attention layers raise NotImplementedError.
         """
         self._check_input_ids(input_ids, cache)
         if mask is not None:
@@ -128,12 +137,14 @@ class MambaLM(nnx.Module):
                 )
             if not isinstance(mask, jax.core.Tracer):
                 _check_left_padding(mask, cache)
+        if seq_idx is not None:
+            _check_seq_idx(seq_idx, input_ids.shape)
         hidden = self.embedding(input_ids)
         residual = None
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
-            hidden, residual, layer_cache = layer(hidden, residual, layer_cache, mask)
+            hidden, residual, layer_cache = layer(hidden, residual, layer_cache, mask, seq_idx)
             new_layers.append(layer_cache)
         residual = residual + hidden.astype(residual.dtype)
         hidden = self.norm_f(residual)
@@ -174,6 +185,20 @@ class MambaLM(nnx.Module):
                 raise ValueError(
                     f"input_ids must lie in [0, {self.config.padded_vocab_size}), got values in [{lo}, {hi}]"
                 )
+
+
+def _check_seq_idx(seq_idx, shape) -> None:
+    """ValueError unless ``seq_idx`` is an int array of ``shape``, nondecreasing per row
+    (the order is checked outside ``jit`` only)."""
+    if not hasattr(seq_idx, "shape") or tuple(seq_idx.shape) != tuple(shape) or not jnp.issubdtype(seq_idx.dtype, jnp.integer):
+        raise ValueError(
+            f"seq_idx must be an integer array of shape (b, l)={tuple(shape)}, "
+            f"got {getattr(seq_idx, 'dtype', type(seq_idx))} {tuple(getattr(seq_idx, 'shape', ()))}"
+        )
+    if not isinstance(seq_idx, jax.core.Tracer):
+        s = np.asarray(seq_idx)
+        for row in np.flatnonzero((s[:, 1:] < s[:, :-1]).any(axis=1)):
+            raise ValueError(f"seq_idx row {row} decreases: document ids must be nondecreasing along each row")
 
 
 def _check_left_padding(mask, cache: MambaCache | None) -> None:

@@ -438,3 +438,22 @@ def test_mixer_packed_documents_equal_each_alone():
     y1, cache = mixer(x[:, :10], cache, seq_idx=seq_idx[:, :10])
     y2, _ = mixer(x[:, 10:], cache, seq_idx=seq_idx[:, 10:])
     assert rel_err(jnp.concatenate([y1, y2], axis=1), alone) < TOL["float32"]
+
+
+def test_model_packed_documents_equal_each_alone():
+    cfg = _tiny(n_layer=2)
+    model = _native(cfg, seed=10)
+    run = jax.jit(lambda ids, seq_idx: model(ids, seq_idx=seq_idx))
+    lengths = [[6, 10], [16]]
+    ids = _ids(cfg.vocab_size, b=2, l=16)
+    seq_idx = jnp.asarray([np.repeat(np.arange(len(r)), r) for r in lengths], jnp.int32)
+    packed = run(ids, seq_idx)
+    alone = model(ids)
+    assert rel_err(packed[1], alone[1]) < TOL["float32"]
+    assert rel_err(packed[0, :6], alone[0, :6]) < TOL["float32"]
+    assert rel_err(packed[0, 6:], model(ids[:1, 6:])[0]) < TOL["float32"]
+    with pytest.raises(ValueError, match="seq_idx row 0 decreases"):
+        model(ids, seq_idx=seq_idx[:, ::-1])
+    with pytest.raises(NotImplementedError, match="Mamba-2 layers only, not for CausalSelfAttention"):
+        hybrid = _native(_tiny(n_layer=2, attn_layer_idx=(1,), attn_num_heads=2))
+        hybrid(ids, seq_idx=seq_idx)

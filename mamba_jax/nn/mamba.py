@@ -217,15 +217,23 @@ class Block(nnx.Module):
             self.norm2 = None
             self.mlp = None
 
-    def __call__(self, hidden, residual, cache=None, mask=None):
+    def __call__(self, hidden, residual, cache=None, mask=None, seq_idx=None):
         """``(hidden, residual, cache)`` -> the same, for the next block. ``residual`` is
-        None in the first block; ``cache`` is this layer's cache or None."""
+        None in the first block; ``cache`` is this layer's cache or None. ``seq_idx``
+        (packed documents) is taken by Mamba-2 mixers only, for now."""
         residual = self._add(hidden, residual)
         hidden = self.norm(residual)
+        extra = {}
+        if seq_idx is not None:
+            if not isinstance(self.mixer, Mamba2Mixer):
+                raise NotImplementedError(
+                    f"seq_idx (packed documents) is implemented for Mamba-2 layers only, not for {type(self.mixer).__name__}"
+                )
+            extra = dict(seq_idx=seq_idx)
         if cache is None:
-            hidden = self.mixer(hidden, mask=mask)
+            hidden = self.mixer(hidden, mask=mask, **extra)
         else:
-            hidden, cache = self.mixer(hidden, cache, mask)
+            hidden, cache = self.mixer(hidden, cache, mask, **extra)
         if self.mlp is not None:
             residual = self._add(hidden, residual)
             hidden = self.mlp(self.norm2(residual))
