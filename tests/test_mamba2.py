@@ -287,9 +287,12 @@ def test_hf_mamba2_parity_bfloat16(tmp_path):
     model = mj.from_pretrained(tmp_path, param_dtype=jnp.bfloat16)
     ids = _ids(96, l=21)
     ours = np.asarray(model(ids).astype(jnp.float32))[..., :96]
-    err = rel_err(ours, _ref_logits(hf, ids))
+    ref = _ref_logits(hf, ids)
+    err = rel_err(ours, ref)
+    theirs = rel_err(_ref_logits(hf.to(torch.bfloat16), ids), ref)  # transformers' own bf16 rounding
     MEASURED["hf-mamba2 g2-untied-l21 bfloat16 vs float32 reference"] = err
-    assert err < TOL["bfloat16"], err
+    MEASURED["transformers Mamba2 in bfloat16 vs float32 (for scale)"] = theirs
+    assert err < TOL["bfloat16"] and err < 1.5 * theirs, (err, theirs)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -1,4 +1,5 @@
-"""Checkpoint import and export: Hugging Face ``MambaForCausalLM`` and ``mamba_ssm`` directories.
+"""Checkpoint import and export: Hugging Face ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` and
+``mamba_ssm`` directories (Mamba-1, Mamba-2 and their hybrids with attention and MLP blocks).
 
 ``config`` (``config.json`` parsing), ``weights`` (weight files), ``names`` (the
 name table), ``hf`` (:func:`from_pretrained` / :func:`save_pretrained`).
