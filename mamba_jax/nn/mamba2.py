@@ -17,6 +17,10 @@ Layout, names and initialisation follow the reference
 * with ``d_mlp > 0`` the gated MLP branch ``silu(z0) * x0`` is concatenated in
   front of ``y``; ``out_proj`` (d_inner -> e).
 
+Packed documents (``seq_idx``): the convolution is :func:`segmented_causal_conv1d`
+(no input of another document is summed) and ``ops.ssd(seq_idx=...)`` resets the
+state at each change of id.
+
 Initialisation (the reference): ``A`` uniform in ``A_init_range``; dt
 log-uniform in ``[dt_min, dt_max]`` floored at ``dt_init_floor`` and stored
 through the inverse softplus in ``dt_bias``; ``D`` ones; ``conv1d`` and the
