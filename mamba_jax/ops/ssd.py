@@ -444,7 +444,7 @@ def _chunk_fn(x, dt, A, B, C, h_in, masks):
     return y, decay[..., None, None] * h_in + S
 
 
-@functools.partial(jax.custom_vjp)
+@jax.custom_vjp
 def _ssd_core(x, dt, A, B, C, h0, masks):
     (y, hT), _ = _ssd_core_fwd(x, dt, A, B, C, h0, masks)
     return y, hT
