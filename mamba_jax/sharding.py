@@ -17,11 +17,16 @@ Mesh axes (:func:`make_mesh`):
 * ``tensor``    the inner channels (``mlp``), attention heads and the vocabulary;
 * ``sequence``  the time axis of the batch.
 
-What is not here yet: ``shard_map`` around the Pallas kernels (a Mosaic or
-Triton custom call cannot be partitioned by XLA) and the sequence-parallel
-prefix correction of the scan; under a mesh, ``impl="auto"`` keeps working
-because XLA partitions the XLA implementations, but a mesh that splits the
-scan's inputs must not be combined with ``impl="pallas"``.
+The selective scan is the exception: a Mosaic or Triton kernel cannot be
+partitioned by XLA, and a scan split over time needs the carried state of the
+shards before it. Under a mesh set with ``jax.set_mesh(mesh)``,
+``mamba_jax.ops.selective_scan`` runs every implementation through
+:func:`sharded_selective_scan` (``shard_map``: channels over ``tensor``, batch
+over ``data`` x ``fsdp``, time over ``sequence`` with the prefix correction).
+Without ``jax.set_mesh``, XLA partitions the XLA implementations by itself
+(gathering the time axis) and the Pallas kernels must not be used on split
+inputs. Not built yet: the causal convolution's halo exchange (XLA gathers it)
+and ``ssd`` under ``shard_map``.
 """
 
 from __future__ import annotations
@@ -167,3 +172,99 @@ def shard_batch(batch: Mapping[str, jax.Array], mesh: Mesh) -> dict:
                 )
         out[name] = jax.device_put(x, sharding)
     return out
+
+
+# --------------------------------------------------------------------------
+# The selective scan under a mesh
+# --------------------------------------------------------------------------
+
+
+def active_mesh():
+    """The mesh set with ``jax.set_mesh`` when it has this module's axes, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return None
+    return mesh
+
+
+def sharded_selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    """``scan_fn`` (any implementation: ``(y, final_state) = scan_fn(u, delta, A, B, C, D, z,
+    delta_bias, delta_softplus, initial_state)``, B and C grouped (b, l, g, n)) run under
+    ``shard_map`` on the active mesh:
+
+    * batch over ``data`` x ``fsdp``, channels over ``tensor`` (no communication:
+      channels are independent; B and C follow when their groups split evenly,
+      otherwise they must have a single group and are replicated);
+    * time over ``sequence`` (when it divides l; otherwise, e.g. a one-token step,
+      time is replicated) with the prefix correction: every shard scans from a
+      zero state for its final state ``H`` and computes its decay product
+      ``P = exp(A sum_t dt_t)``; the (P, H) pairs are gathered and folded in shard
+      order into each shard's true initial state, with which it scans again. Exact,
+      at twice the scan's work; autodiff transposes the gather, so the backward sums
+      the state cotangents across shards.
+
+    Mosaic and Triton kernels cannot be partitioned by XLA, so this is how they
+    run under a mesh; the XLA implementations take the same path.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    mesh = active_mesh()
+    b, l, d = u.shape
+    g = B.shape[2]
+    tensor = mesh.shape["tensor"]
+    # Time and batch are split only when they divide evenly (a one-token decode step
+    # or a batch of one is replicated over those axes instead; channels always split).
+    seq = mesh.shape["sequence"] if l % mesh.shape["sequence"] == 0 else 1
+    batch_axes = BATCH_AXES if b % math.prod(mesh.shape[a] for a in BATCH_AXES) == 0 else None
+    time_axis = "sequence" if seq > 1 else None
+    if d % tensor:
+        raise ValueError(f"selective_scan under a mesh: channels d={d} are not divisible by tensor={tensor}")
+    if g > 1 and g % tensor:
+        raise ValueError(f"selective_scan under a mesh: groups g={g} must be divisible by tensor={tensor} (or be 1)")
+    group_axis = "tensor" if g > 1 else None
+    spec = {
+        "seq": P(batch_axes, time_axis, "tensor"),
+        "bc": P(batch_axes, time_axis, group_axis, None),
+        "A": P("tensor", None),
+        "vec": P("tensor"),
+        "state": P(batch_axes, "tensor", None),
+    }
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    kinds = ("seq", "seq", "A", "bc", "bc", "vec", "seq", "vec", "state")
+    present = [i for i, x in enumerate(args) if x is not None]
+
+    def body(*local):
+        full = [None] * len(args)
+        for i, x in zip(present, local):
+            full[i] = x
+        u_, delta_, A_, B_, C_, D_, z_, bias_, h0_ = full
+        if seq == 1:
+            return scan_fn(u_, delta_, A_, B_, C_, D_, z_, bias_, delta_softplus, h0_)
+        _, H = scan_fn(u_, delta_, A_, B_, C_, None, None, bias_, delta_softplus, None)
+        dt = delta_.astype(jax.numpy.float32)
+        if bias_ is not None:
+            dt = dt + bias_.astype(jax.numpy.float32)
+        if delta_softplus:
+            dt = jax.nn.softplus(dt)
+        decay = jax.numpy.exp(A_.astype(jax.numpy.float32) * dt.sum(1)[..., None])  # (b, d, n)
+        all_decay = jax.lax.all_gather(decay, "sequence")
+        all_H = jax.lax.all_gather(H, "sequence")
+        h = jax.numpy.zeros_like(H) if h0_ is None else h0_.astype(jax.numpy.float32)
+        starts = [h]
+        for r in range(seq - 1):
+            h = all_decay[r] * h + all_H[r]
+            starts.append(h)
+        index = jax.lax.axis_index("sequence")
+        y, hT = scan_fn(u_, delta_, A_, B_, C_, D_, z_, bias_, delta_softplus, jax.numpy.stack(starts)[index])
+        hT = jax.lax.psum(jax.numpy.where(index == seq - 1, hT, 0.0), "sequence")
+        return y, hT
+
+    return jax.shard_map(
+        body,
+        in_specs=tuple(spec[kinds[i]] for i in present),
+        out_specs=(spec["seq"], spec["state"]),
+        # The implementations' lax.scan carries are not annotated with the axes they
+        # vary over; without the check, shard_map's transpose sums the cotangents of
+        # the replicated inputs (A, D, bias, ...) over the axes they are replicated on.
+        check_vma=False,
+    )(*(args[i] for i in present))

@@ -63,11 +63,37 @@ def step(model, batch):
     return float(metrics["loss"]), float(metrics["grad_norm"]), nnx.state(model, nnx.Param), like_params
 
 
+def scan_rows():
+    """selective_scan under shard_map (tensor x sequence, with an initial state and
+    grouped B/C) against the unsharded reference: outputs and every gradient."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from scan_inputs import make_scan_inputs
+
+    args = make_scan_inputs(0, 2, 32, 16, 4, 2)
+    names = list(args)
+    w = jax.random.normal(jax.random.key(1), (2, 32, 16), jnp.float32)
+
+    def loss(impl, *values):
+        y, h = mj.ops.selective_scan(**dict(zip(names, values)), delta_softplus=True, return_final_state=True, impl=impl)
+        return jnp.sum(y * w) + jnp.sum(h * h), (y, h)
+
+    grad = lambda impl: jax.jit(jax.grad(lambda *v: loss(impl, *v), argnums=tuple(range(len(names))), has_aux=True))
+    ref_grads, ref_out = grad("reference")(*args.values())
+    for impl in ("sequential", "pallas"):
+        for axes in (dict(tensor=2, sequence=4), dict(data=2, sequence=4)):
+            mesh = mjs.make_mesh(**axes)
+            with jax.set_mesh(mesh):
+                grads, out = grad(impl)(*args.values())
+            print(json.dumps(dict(scan=impl, mesh=dict(mesh.shape), out_err=tree_rel(out, ref_out),
+                                  grad_err=tree_rel(grads, ref_grads))), flush=True)
+
+
 QUICK = {"mamba": ["data2_fsdp2_tensor2", "fsdp2_tensor2_sequence2"], "hybrid": ["data2_fsdp2_tensor2"]}
 
 
 def main():
     assert len(jax.devices()) == 8, jax.devices()
+    scan_rows()
     layouts = QUICK if "--quick" in sys.argv else {m: list(LAYOUTS) for m in MODELS}
     batch = batch_for(0)
     for model_name, kw in MODELS.items():
@@ -82,7 +108,8 @@ def main():
             in_proj = model.layers[0].mixer.in_proj.kernel[...] if model_name == "mamba" else model.embedding.embedding[...]
             shard_shape = in_proj.addressable_shards[0].data.shape
             split = shard_shape != in_proj.shape or all(v == 1 for k, v in mesh.shape.items() if k in ("fsdp", "tensor"))
-            loss, gn, params, opt_like_params = step(model, mjs.shard_batch(batch, mesh))
+            with jax.set_mesh(mesh):  # the scan runs under shard_map (sequence: prefix correction)
+                loss, gn, params, opt_like_params = step(model, mjs.shard_batch(batch, mesh))
             row = dict(model=model_name, layout=layout, mesh=dict(mesh.shape), init_err=init_err,
                        loss_err=abs(loss - loss0) / abs(loss0), grad_norm_err=abs(gn - gn0) / abs(gn0),
                        param_err=tree_rel(params, params0), split=bool(split), shard_shape=list(shard_shape),

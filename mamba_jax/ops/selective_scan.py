@@ -128,9 +128,15 @@ def selective_scan(
         raise ValueError(f"impl='step' runs one time step, got u.shape={tuple(u.shape)} with l={l}")
     args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state)
     if impl in ("auto", "pallas"):
-        y, final_state = _per_platform(impl, chunk_size, *args)
+        fn = functools.partial(_per_platform, impl, chunk_size)
     else:
-        y, final_state = _impl_fn(impl, chunk_size, "cpu")(*args)
+        fn = _impl_fn(impl, chunk_size, "cpu")
+    from mamba_jax import sharding  # the mesh set with jax.set_mesh, if any
+
+    if sharding.active_mesh() is not None:
+        y, final_state = sharding.sharded_selective_scan(fn, *args)
+    else:
+        y, final_state = fn(*args)
     return (y, final_state) if return_final_state else y
 
 
