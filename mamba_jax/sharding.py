@@ -187,9 +187,10 @@ def active_mesh():
     return mesh
 
 
-def sharded_selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+def sharded_selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, keep=None):
     """``scan_fn`` (any implementation: ``(y, final_state) = scan_fn(u, delta, A, B, C, D, z,
-    delta_bias, delta_softplus, initial_state)``, B and C grouped (b, l, g, n)) run under
+    delta_bias, delta_softplus, initial_state, keep)``, B and C grouped (b, l, g, n); ``keep``
+    the (b, l) continuation mask of packed documents or None) run under
     ``shard_map`` on the active mesh:
 
     * batch over ``data`` x ``fsdp``, channels over ``tensor`` (no communication:
@@ -228,25 +229,28 @@ def sharded_selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, delta_s
         "A": P("tensor", None),
         "vec": P("tensor"),
         "state": P(batch_axes, "tensor", None),
+        "time": P(batch_axes, time_axis),
     }
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    kinds = ("seq", "seq", "A", "bc", "bc", "vec", "seq", "vec", "state")
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, keep)
+    kinds = ("seq", "seq", "A", "bc", "bc", "vec", "seq", "vec", "state", "time")
     present = [i for i, x in enumerate(args) if x is not None]
 
     def body(*local):
         full = [None] * len(args)
         for i, x in zip(present, local):
             full[i] = x
-        u_, delta_, A_, B_, C_, D_, z_, bias_, h0_ = full
+        u_, delta_, A_, B_, C_, D_, z_, bias_, h0_, keep_ = full
         if seq == 1:
-            return scan_fn(u_, delta_, A_, B_, C_, D_, z_, bias_, delta_softplus, h0_)
-        _, H = scan_fn(u_, delta_, A_, B_, C_, None, None, bias_, delta_softplus, None)
+            return scan_fn(u_, delta_, A_, B_, C_, D_, z_, bias_, delta_softplus, h0_, keep_)
+        _, H = scan_fn(u_, delta_, A_, B_, C_, None, None, bias_, delta_softplus, None, keep_)
         dt = delta_.astype(jax.numpy.float32)
         if bias_ is not None:
             dt = dt + bias_.astype(jax.numpy.float32)
         if delta_softplus:
             dt = jax.nn.softplus(dt)
         decay = jax.numpy.exp(A_.astype(jax.numpy.float32) * dt.sum(1)[..., None])  # (b, d, n)
+        if keep_ is not None:  # a document starting in this shard drops everything before it
+            decay = decay * keep_.prod(1)[:, None, None]
         all_decay = jax.lax.all_gather(decay, "sequence")
         all_H = jax.lax.all_gather(H, "sequence")
         h = jax.numpy.zeros_like(H) if h0_ is None else h0_.astype(jax.numpy.float32)
@@ -255,7 +259,7 @@ def sharded_selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, delta_s
             h = all_decay[r] * h + all_H[r]
             starts.append(h)
         index = jax.lax.axis_index("sequence")
-        y, hT = scan_fn(u_, delta_, A_, B_, C_, D_, z_, bias_, delta_softplus, jax.numpy.stack(starts)[index])
+        y, hT = scan_fn(u_, delta_, A_, B_, C_, D_, z_, bias_, delta_softplus, jax.numpy.stack(starts)[index], keep_)
         hT = jax.lax.psum(jax.numpy.where(index == seq - 1, hT, 0.0), "sequence")
         return y, hT
 

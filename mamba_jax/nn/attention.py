@@ -145,10 +145,15 @@ class CausalSelfAttention(nnx.Module):
         hidden: Float[Array, "b l e"],
         cache: AttentionLayerCache | None = None,
         mask: Array | None = None,
+        seq_idx: Array | None = None,
     ) -> Float[Array, "b l e"] | tuple[Float[Array, "b l e"], AttentionLayerCache]:
         """Attends causally along time. ``mask`` (b, l) bool marks real tokens
         (left padding: see the module docstring). With ``cache``, continues after
-        the cached tokens and also returns the updated cache."""
+        the cached tokens and also returns the updated cache. ``seq_idx`` (b, l)
+        int: packed documents; a query attends only to keys of its own document
+        (RoPE scores depend on relative positions only, so a document gets the
+        outputs it gets alone). The cached tokens belong to the first document of
+        the call, and the returned cache keeps only the last document's."""
         b, l, _ = hidden.shape
         h, g, p = self.num_heads, self.num_heads_kv, self.head_dim
         qkv = self.in_proj(hidden)
@@ -176,6 +181,13 @@ class CausalSelfAttention(nnx.Module):
         causal = key_slot[None, :] <= query_slot[:, None]
         own = key_slot[None, :] == query_slot[:, None]  # a padded query sees itself: no empty row
         allowed = causal[None] & (key_valid[:, None, :] | own[None])
+        if seq_idx is not None:
+            key_doc = seq_idx
+            if cache is not None:  # cached slots: the first document of this call
+                key_doc = jnp.broadcast_to(seq_idx[:, :1], key_valid.shape)
+                key_doc = lax.dynamic_update_slice(key_doc, seq_idx.astype(key_doc.dtype), start[:2])
+                key_valid = key_valid & (key_doc == seq_idx[:, -1:])  # the next call continues the last document
+            allowed = allowed & (key_doc[:, None, :] == seq_idx[:, :, None])
         out = dot_product_attention(q, keys, values, allowed)
         if cache is not None:  # inside jit an overflow cannot raise: make it visible instead
             out = jnp.where(cache.index + l > cache.max_length, jnp.asarray(jnp.nan, out.dtype), out)

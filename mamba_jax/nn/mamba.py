@@ -27,10 +27,11 @@ from flax import nnx
 from mamba_jax.cache import MambaLayerCache
 from mamba_jax.config import MambaConfig
 from mamba_jax.nn.attention import CausalSelfAttention
+from mamba_jax.nn.conv import CausalConv1d
 from mamba_jax.nn.init import a_log_init, dt_bias_init, dt_weight_init, partitioned, torch_linear_init
 from mamba_jax.nn.mamba2 import Mamba2Mixer
 from mamba_jax.nn.mlp import GatedMLP
-from mamba_jax.ops import causal_conv1d, selective_scan
+from mamba_jax.ops import selective_scan
 from mamba_jax.typing import Array, DType, Float
 
 # The initialisers were defined here before nn/init.py; their names stay importable from here.
@@ -53,22 +54,6 @@ class RMSNorm(nnx.Module):
         x = x.astype(_F32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
         return (x * self.weight[...].astype(_F32)).astype(self.dtype)
-
-
-class CausalConv1d(nnx.Module):
-    """Depthwise causal convolution; ``kernel`` is (k, d) (torch's weight (d, 1, k) transposed)."""
-
-    def __init__(self, dim: int, width: int, *, use_bias: bool, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
-        init = torch_linear_init(width)
-        self.dtype = dtype
-        self.kernel = nnx.Param(partitioned(init, ("conv", "mlp"))(rngs.params(), (width, dim), param_dtype))
-        self.bias = (
-            nnx.Param(partitioned(init, ("mlp",))(rngs.params(), (dim,), param_dtype)) if use_bias else None
-        )
-
-    def __call__(self, x, conv_state=None):
-        bias = None if self.bias is None else self.bias[...]
-        return causal_conv1d(x.astype(self.dtype), self.kernel[...], bias, conv_state)
 
 
 class MambaMixer(nnx.Module):
@@ -118,10 +103,14 @@ class MambaMixer(nnx.Module):
         hidden: Float[Array, "b l e"],
         cache: MambaLayerCache | None = None,
         mask: Array | None = None,
+        seq_idx: Array | None = None,
     ) -> Float[Array, "b l e"] | tuple[Float[Array, "b l e"], MambaLayerCache]:
         """Mixes along time. ``mask`` (b, l) bool marks real tokens: masked steps
         feed zeros to the convolution and leave the SSM state unchanged (delta = 0),
-        so left padding does not change the outputs of the real tokens."""
+        so left padding does not change the outputs of the real tokens. ``seq_idx``
+        (b, l) int: packed documents; neither the convolution nor the scan state
+        crosses a change of id (a cache continues the first document of the call
+        and keeps the last one's state)."""
         cfg = self.config
         b, l, _ = hidden.shape
         x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
@@ -129,9 +118,9 @@ class MambaMixer(nnx.Module):
         if keep is not None:
             x = jnp.where(keep, x, jnp.zeros_like(x))
         if cache is None:
-            x = self.conv1d(x)
+            x = self.conv1d(x, seq_idx=seq_idx)
         else:
-            x, conv_state = self.conv1d(x, cache.conv_state)
+            x, conv_state = self.conv1d(x, cache.conv_state, seq_idx)
         x = jax.nn.silu(x)
         if keep is not None:
             x = jnp.where(keep, x, jnp.zeros_like(x))
@@ -164,6 +153,7 @@ class MambaMixer(nnx.Module):
             initial_state=None if cache is None else cache.ssm_state,
             return_final_state=True,
             impl=cfg.scan_impl,
+            seq_idx=seq_idx,
         )
         out = self.out_proj(y)
         if cache is None:
@@ -220,16 +210,10 @@ class Block(nnx.Module):
     def __call__(self, hidden, residual, cache=None, mask=None, seq_idx=None):
         """``(hidden, residual, cache)`` -> the same, for the next block. ``residual`` is
         None in the first block; ``cache`` is this layer's cache or None. ``seq_idx``
-        (packed documents) is taken by Mamba-2 mixers only, for now."""
+        (b, l) int marks packed documents: no mixer lets anything cross a change of id."""
         residual = self._add(hidden, residual)
         hidden = self.norm(residual)
-        extra = {}
-        if seq_idx is not None:
-            if not isinstance(self.mixer, Mamba2Mixer):
-                raise NotImplementedError(
-                    f"seq_idx (packed documents) is implemented for Mamba-2 layers only, not for {type(self.mixer).__name__}"
-                )
-            extra = dict(seq_idx=seq_idx)
+        extra = {} if seq_idx is None else dict(seq_idx=seq_idx)
         if cache is None:
             hidden = self.mixer(hidden, mask=mask, **extra)
         else:

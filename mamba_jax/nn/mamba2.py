@@ -17,7 +17,7 @@ Layout, names and initialisation follow the reference
 * with ``d_mlp > 0`` the gated MLP branch ``silu(z0) * x0`` is concatenated in
   front of ``y``; ``out_proj`` (d_inner -> e).
 
-Packed documents (``seq_idx``): the convolution is :func:`segmented_causal_conv1d`
+Packed documents (``seq_idx``): the convolution is ``ops.causal_conv1d(seq_idx=...)``
 (no input of another document is summed) and ``ops.ssd(seq_idx=...)`` resets the
 state at each change of id.
 
@@ -41,11 +41,12 @@ from flax import nnx
 
 from mamba_jax.cache import MambaLayerCache
 from mamba_jax.config import MambaConfig
+from mamba_jax.nn.conv import CausalConv1d
 from mamba_jax.nn.init import dt_bias_init, partitioned, torch_linear_init
-from mamba_jax.ops import causal_conv1d, ssd, ssd_step
+from mamba_jax.ops import ssd, ssd_step
 from mamba_jax.typing import Array, DType, Float
 
-__all__ = ["RMSNormGated", "XBCConv1d", "Mamba2Mixer", "segmented_causal_conv1d", "a_log_uniform_init", "mamba2_cache_zeros"]
+__all__ = ["RMSNormGated", "Mamba2Mixer", "a_log_uniform_init", "mamba2_cache_zeros"]
 
 _F32 = jnp.float32
 
@@ -68,53 +69,6 @@ def mamba2_cache_zeros(config: MambaConfig, batch_size: int, dtype: DType) -> Ma
         conv_state=jnp.zeros((batch_size, config.d_conv - 1, conv_dim), dtype),
         ssm_state=jnp.zeros((batch_size, config.nheads, config.headdim, config.d_state), _F32),
     )
-
-
-def segmented_causal_conv1d(x, kernel, bias, conv_state, seq_idx):
-    """:func:`mamba_jax.ops.causal_conv1d` that does not reach across documents.
-
-    ``seq_idx`` (b, l), nondecreasing per row: an output sums only the inputs of
-    its own document. ``conv_state`` (the inputs before ``x``) belongs to the
-    first document of each row, as the SSD ``initial_state`` does; the returned
-    state keeps only the inputs of the last document (zeros elsewhere), so the
-    next call continues that document. Returns ``y``, or ``(y, new_state)`` with
-    ``conv_state``.
-    """
-    k = kernel.shape[0]
-    b, l, c = x.shape
-    state = jnp.zeros((b, k - 1, c), x.dtype) if conv_state is None else conv_state.astype(x.dtype)
-    xp = jnp.concatenate([state, x], axis=1)
-    docs = jnp.concatenate([jnp.broadcast_to(seq_idx[:, :1], (b, k - 1)), seq_idx], axis=1)
-    kernel = kernel.astype(x.dtype)
-    y = jnp.zeros_like(x)
-    for j in range(k):
-        same = (docs[:, j : j + l] == seq_idx)[..., None]
-        y = y + jnp.where(same, xp[:, j : j + l], jnp.zeros_like(x)) * kernel[j]
-    if bias is not None:
-        y = y + bias.astype(x.dtype)
-    if conv_state is None:
-        return y
-    tail = xp[:, l:]
-    tail = jnp.where((docs[:, l:] == seq_idx[:, -1:])[..., None], tail, jnp.zeros_like(tail))
-    return y, tail.astype(conv_state.dtype)
-
-
-class XBCConv1d(nnx.Module):
-    """Depthwise causal convolution over ``xBC``; ``kernel`` (k, c) and ``bias`` (c,) as
-    :class:`mamba_jax.nn.mamba.CausalConv1d` (kept apart: ``mamba`` imports this module
-    for its ``Block``, and the layers of :mod:`mamba_jax.nn` import each other without a cycle)."""
-
-    def __init__(self, dim: int, width: int, *, use_bias: bool, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
-        init = torch_linear_init(width)  # torch's Conv1d default: fan_in = k for a depthwise kernel
-        self.dtype = dtype
-        self.kernel = nnx.Param(partitioned(init, ("conv", "mlp"))(rngs.params(), (width, dim), param_dtype))
-        self.bias = nnx.Param(partitioned(init, ("mlp",))(rngs.params(), (dim,), param_dtype)) if use_bias else None
-
-    def __call__(self, x, conv_state=None, seq_idx=None):
-        bias = None if self.bias is None else self.bias[...]
-        if seq_idx is not None:
-            return segmented_causal_conv1d(x.astype(self.dtype), self.kernel[...], bias, conv_state, seq_idx)
-        return causal_conv1d(x.astype(self.dtype), self.kernel[...], bias, conv_state)
 
 
 class RMSNormGated(nnx.Module):
@@ -194,7 +148,7 @@ class Mamba2Mixer(nnx.Module):
             )
 
         self.in_proj = linear(e, d_in_proj, ("embed", "mlp"), torch_linear_init(e))
-        self.conv1d = XBCConv1d(
+        self.conv1d = CausalConv1d(
             self.conv_dim, config.d_conv, use_bias=config.conv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.dt_bias = nnx.Param(partitioned(dt_bias_init(config), ("heads",))(rngs.params(), (h,), param_dtype))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from mamba_jax.typing import Array, Float
+from mamba_jax.typing import Array, Float, Int
 
 
 def _validate(x, kernel, bias, conv_state):
@@ -38,6 +38,7 @@ def causal_conv1d(
     kernel: Float[Array, "k d"],
     bias: Float[Array, " d"] | None = None,
     conv_state: Float[Array, "b k1 d"] | None = None,
+    seq_idx: Int[Array, "b l"] | None = None,
 ):
     """Causal depthwise convolution of ``x`` with ``kernel``.
 
@@ -45,23 +46,38 @@ def causal_conv1d(
     returned. With ``conv_state`` (b, k - 1, d) it returns ``(y, new_state)``,
     where ``new_state`` holds the last ``k - 1`` inputs of ``state ++ x``.
     Computed in ``x.dtype`` (the kernel and bias are cast to it).
+
+    ``seq_idx`` (b, l) int, packed documents: an output sums only inputs of its
+    own document. ``conv_state`` then belongs to the first document of each row,
+    and the returned state keeps only the last document's inputs (zeros before
+    it), so the next call continues that document.
     """
     _validate(x, kernel, bias, conv_state)
     k = kernel.shape[0]
-    l = x.shape[1]
+    b, l, d = x.shape
+    if seq_idx is not None and (tuple(seq_idx.shape) != (b, l) or not jnp.issubdtype(seq_idx.dtype, jnp.integer)):
+        raise ValueError(f"seq_idx must be an int array of shape (b, l)={(b, l)}, got {seq_idx.dtype} {tuple(seq_idx.shape)}")
     kernel = kernel.astype(x.dtype)
     if conv_state is None:
         xp = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
     else:
         xp = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)
-    y = xp[:, 0:l] * kernel[0]
-    for j in range(1, k):
-        y = y + xp[:, j : j + l] * kernel[j]
+    if seq_idx is not None:  # the document of every input in xp (the state's: the first document's)
+        docs = jnp.concatenate([jnp.broadcast_to(seq_idx[:, :1], (b, k - 1)), seq_idx], axis=1)
+    y = jnp.zeros_like(x)
+    for j in range(k):
+        tap = xp[:, j : j + l]
+        if seq_idx is not None:
+            tap = jnp.where((docs[:, j : j + l] == seq_idx)[..., None], tap, jnp.zeros_like(tap))
+        y = y + tap * kernel[j]
     if bias is not None:
         y = y + bias.astype(x.dtype)
     if conv_state is None:
         return y
-    return y, xp[:, xp.shape[1] - (k - 1) :].astype(conv_state.dtype)
+    tail = xp[:, xp.shape[1] - (k - 1) :]
+    if seq_idx is not None:
+        tail = jnp.where((docs[:, l:] == seq_idx[:, -1:])[..., None], tail, jnp.zeros_like(tail))
+    return y, tail.astype(conv_state.dtype)
 
 
 def causal_conv1d_step(

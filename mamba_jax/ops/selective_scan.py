@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mamba_jax.typing import Array, Float
+from mamba_jax.typing import Array, Float, Int
 from pallas_kernels.selective_scan.block_sizes import MAX_STATE_SIZE, SelectiveScanBlockSizes
 from pallas_kernels.selective_scan.reference import (
     combine,
@@ -88,6 +88,7 @@ def selective_scan(
     return_final_state: bool = False,
     impl: str = "auto",
     chunk_size: int | None = None,
+    seq_idx: Int[Array, "b l"] | None = None,
 ):
     """Runs the selective scan.
 
@@ -107,6 +108,11 @@ def selective_scan(
       chunk_size: time chunk of ``impl="sequential"`` and ``"chunked"`` (default
         64): the backward pass keeps the states every ``chunk_size`` steps and
         recomputes the rest. An error for the other implementations.
+      seq_idx: optional document ids (b, l), integer: where ``seq_idx[t] !=
+        seq_idx[t - 1]`` the state before step t is replaced by zero, so nothing
+        crosses from one packed document to the next (``initial_state`` is the
+        state before the first document). The Pallas kernels do not take it:
+        ``impl="auto"`` then runs an XLA implementation.
 
     Returns:
       ``y`` of shape (b, l, d) in ``u.dtype``; with ``return_final_state`` the
@@ -126,7 +132,10 @@ def selective_scan(
         raise ValueError(f"impl='pallas' takes a state size n up to {MAX_STATE_SIZE}, got n={n}")
     if impl == "step" and l != 1:
         raise ValueError(f"impl='step' runs one time step, got u.shape={tuple(u.shape)} with l={l}")
-    args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state)
+    keep = None if seq_idx is None else _continuation_mask(seq_idx, u.shape[:2])
+    if keep is not None and impl == "pallas":
+        raise ValueError("impl='pallas' does not take seq_idx (packed documents); use impl='auto' or an XLA impl")
+    args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, keep)
     if impl in ("auto", "pallas"):
         fn = functools.partial(_per_platform, impl, chunk_size)
     else:
@@ -138,6 +147,16 @@ def selective_scan(
     else:
         y, final_state = fn(*args)
     return (y, final_state) if return_final_state else y
+
+
+def _continuation_mask(seq_idx, shape):
+    """float32 (b, l): 0 where a new document starts (``seq_idx[t] != seq_idx[t - 1]``), else 1."""
+    if not hasattr(seq_idx, "shape") or tuple(seq_idx.shape) != tuple(shape):
+        raise ValueError(f"seq_idx must have shape (b, l)={tuple(shape)}, got {getattr(seq_idx, 'shape', type(seq_idx))}")
+    if not jnp.issubdtype(seq_idx.dtype, jnp.integer):
+        raise TypeError(f"seq_idx must have an integer dtype, got seq_idx.dtype={seq_idx.dtype}")
+    same = seq_idx[:, 1:] == seq_idx[:, :-1]
+    return jnp.concatenate([jnp.ones_like(same[:, :1]), same], axis=1).astype(_F32)
 
 
 def selective_state_update(
@@ -214,7 +233,7 @@ def _local_cuda_capability():
     return min(caps) if caps else None
 
 
-def _per_platform(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+def _per_platform(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, keep):
     """``impl`` ("auto" or "pallas") resolved once for each platform by
     ``lax.platform_dependent``; each branch gets its platform passed down."""
     n, l = A.shape[1], u.shape[1]
@@ -223,28 +242,31 @@ def _per_platform(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, delta_s
         if impl == "auto":
             cap = _local_cuda_capability() if platform == "cuda" else None
             chosen = resolve_impl(platform, n, l, compute_capability=cap)
+            if keep is not None and chosen == "pallas":  # the kernels take no document boundaries
+                chosen = "chunked"
         else:
             chosen = "pallas"
         fn = _impl_fn(chosen, chunk_size, platform)
-        return lambda *a: fn(*a[:8], delta_softplus, a[8])
+        return lambda *a: fn(*a[:8], delta_softplus, *a[8:])
 
-    arrays = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    arrays = (u, delta, A, B, C, D, z, delta_bias, initial_state, keep)
     return lax.platform_dependent(
         *arrays, default=branch("cpu"), cuda=branch("cuda"), tpu=branch("tpu"), rocm=branch("rocm")
     )
 
 
 def _impl_fn(impl: str, chunk_size: int | None, platform: str) -> Callable:
+    """The implementation as ``fn(u, delta, A, B, C, D, z, bias, softplus, h0, keep)``."""
     if impl == "reference":
-        return selective_scan_reference
+        return lambda *a: selective_scan_reference(*a[:10], continuation=a[10])
     if impl == "step":
-        return _step
+        return lambda *a: _step(*a[:10])  # one step: no document boundary inside
     if impl == "pallas":
         from pallas_kernels.selective_scan import selective_scan_pallas
 
         kernel = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "tpu")
         interpret = platform not in ("tpu", "cuda", "rocm")  # CPU: the TPU kernel, interpreted
-        return functools.partial(selective_scan_pallas, platform=kernel, interpret=interpret)
+        return lambda *a: selective_scan_pallas(*a[:10], platform=kernel, interpret=interpret)
     return functools.partial(_xla_selective_scan, impl, chunk_size or DEFAULT_CHUNK_SIZE)
 
 
@@ -263,13 +285,13 @@ def _step(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 10))
-def _xla_selective_scan(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+def _xla_selective_scan(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, keep):
     """``prepare`` -> the sequential/chunked core -> ``finish`` (autodiff handles both ends).
 
     Jitted so that eager calls compile once; inside an outer jit it is inlined.
     """
     core_in = prepare(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
-    return finish(*_padded(impl, *core_in, chunk_size=chunk_size), u, D, z)
+    return finish(*_padded(impl, *core_in, keep, chunk_size=chunk_size), u, D, z)
 
 
 # --------------------------------------------------------------------------
@@ -305,8 +327,11 @@ def _recurrence_parallel(a, b, h0, reverse=False):
 _RECURRENCES = {"sequential": _recurrence_sequential, "chunked": _recurrence_parallel}
 
 
-def _padded(mode, u, dt, A, B, C, h0, *, chunk_size):
-    """Pads time to a multiple of the chunk with identity steps (dt = 0) and runs the core."""
+def _padded(mode, u, dt, A, B, C, h0, keep, *, chunk_size):
+    """Pads time to a multiple of the chunk with identity steps (dt = 0) and runs the core.
+
+    ``keep`` (b, l) float or None multiplies the decay of each step: 0 drops the
+    state carried into that step (the start of a packed document)."""
     l = u.shape[1]
     n_chunks = -(-l // chunk_size)
     T = -(-l // n_chunks)  # chunks of at most chunk_size steps, padding fewer than n_chunks steps
@@ -314,32 +339,39 @@ def _padded(mode, u, dt, A, B, C, h0, *, chunk_size):
     if pad:
         padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         u, dt, B, C = padt(u), padt(dt), padt(B), padt(C)
-    chunks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], -1, T, *x.shape[2:]), 0, 2)  # (l/T, T, b, ...)
-    y, hT = _chunked_core(*(chunks(x) for x in (u, dt)), A, *(chunks(x) for x in (B, C)), h0, mode)
+        keep = None if keep is None else jnp.pad(keep, [(0, 0), (0, pad)], constant_values=1.0)
+    chunks = lambda x: None if x is None else jnp.moveaxis(x.reshape(x.shape[0], -1, T, *x.shape[2:]), 0, 2)
+    y, hT = _chunked_core(*(chunks(x) for x in (u, dt)), A, *(chunks(x) for x in (B, C)), h0, chunks(keep), mode)
     y = jnp.moveaxis(y, 2, 0).reshape(u.shape)
     return y[:, :l], hT
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _chunked_core(u, dt, A, B, C, h0, mode):
-    (y, hT), _ = _chunked_fwd(u, dt, A, B, C, h0, mode)
+def _decay(dt, A, keep):
+    """exp(dt A) for time-major dt (..., b, g, p), times the continuation mask (..., b)."""
+    a = jnp.exp(dt[..., None] * A)
+    return a if keep is None else a * keep[..., None, None, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _chunked_core(u, dt, A, B, C, h0, keep, mode):
+    (y, hT), _ = _chunked_fwd(u, dt, A, B, C, h0, keep, mode)
     return y, hT
 
 
-def _chunked_fwd(u, dt, A, B, C, h0, mode):
+def _chunked_fwd(u, dt, A, B, C, h0, keep, mode):
     if mode == "sequential":  # one fused step at a time: the inference path on CPU
 
         def step(h, xs):
-            u_t, dt_t, B_t, C_t = xs
-            h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * B_t[:, :, None, :]
+            u_t, dt_t, B_t, C_t, keep_t = xs
+            h = _decay(dt_t, A, keep_t) * h + (dt_t * u_t)[..., None] * B_t[:, :, None, :]
             return h, jnp.einsum("bgpn,bgn->bgp", h, C_t, precision=_HIGHEST)
 
         chunk = lambda h_in, xs: lax.scan(step, h_in, xs)
     else:
 
         def chunk(h_in, xs):
-            u_c, dt_c, B_c, C_c = xs
-            a = jnp.exp(dt_c[..., None] * A)
+            u_c, dt_c, B_c, C_c, keep_c = xs
+            a = _decay(dt_c, A, keep_c)
             h = _recurrence_parallel(a, (dt_c * u_c)[..., None] * B_c[:, :, :, None, :], h_in)
             return h[-1], jnp.einsum("tbgpn,tbgn->tbgp", h, C_c, precision=_HIGHEST)
 
@@ -347,25 +379,25 @@ def _chunked_fwd(u, dt, A, B, C, h0, mode):
         h_out, y = chunk(h_in, xs)
         return h_out, (y, h_in)
 
-    hT, (y, starts) = lax.scan(outer, h0, (u, dt, B, C))
-    return (y, hT), (u, dt, A, B, C, starts)
+    hT, (y, starts) = lax.scan(outer, h0, (u, dt, B, C, keep))
+    return (y, hT), (u, dt, A, B, C, keep, starts)
 
 
 def _chunked_bwd(mode, res, cotangents):
-    u, dt, A, B, C, starts = res
+    u, dt, A, B, C, keep, starts = res
     dy, dhT = cotangents
     recurrence = _RECURRENCES[mode]
 
     def chunk(carry, xs):
         dh_out, dA_acc = carry  # dh_out: gradient reaching the chunk's last state from later steps
-        u_c, dt_c, B_c, C_c, dy_c, h_in = xs
-        a = jnp.exp(dt_c[..., None] * A)  # (T, b, g, p, n)
+        u_c, dt_c, B_c, C_c, keep_c, dy_c, h_in = xs
+        a = _decay(dt_c, A, keep_c)  # (T, b, g, p, n)
         h = recurrence(a, (dt_c * u_c)[..., None] * B_c[:, :, :, None, :], h_in)  # recomputed, never stored
-        # Adjoint in reverse time: G_t = exp(dt_{t+1} A) G_{t+1} + C_t dy_t, G_{T-1} += dh_out.
+        # Adjoint in reverse time: G_t = a_{t+1} G_{t+1} + C_t dy_t, G_{T-1} += dh_out.
         a_next = jnp.concatenate([a[1:], jnp.ones_like(a[:1])], axis=0)
         G = recurrence(a_next, dy_c[..., None] * C_c[:, :, :, None, :], dh_out, reverse=True)
         h_prev = jnp.concatenate([h_in[None], h[:-1]], axis=0)
-        Gha = G * h_prev * a  # gradient through the decay exp(dt A)
+        Gha = G * h_prev * a  # gradient through the decay exp(dt A) (times the mask: d a / d dt = A a)
         GB = jnp.einsum("tbgpn,tbgn->tbgp", G, B_c, precision=_HIGHEST)
         du = GB * dt_c
         ddt = jnp.einsum("tbgpn,gpn->tbgp", Gha, A, precision=_HIGHEST) + GB * u_c
@@ -377,9 +409,10 @@ def _chunked_bwd(mode, res, cotangents):
         return (a[0] * G[0], dA_acc), (du, ddt, dB, dC)
 
     (dh0, dA), (du, ddt, dB, dC) = lax.scan(
-        chunk, (dhT, jnp.zeros_like(A)), (u, dt, B, C, dy, starts), reverse=True
+        chunk, (dhT, jnp.zeros_like(A)), (u, dt, B, C, keep, dy, starts), reverse=True
     )
-    return du, ddt, dA, dB, dC, dh0
+    dkeep = None if keep is None else jnp.zeros_like(keep)  # a mask of document ids: no gradient
+    return du, ddt, dA, dB, dC, dh0, dkeep
 
 
 _chunked_core.defvjp(_chunked_fwd, _chunked_bwd)

@@ -129,9 +129,12 @@ def combine(x, y):
     return a1 * a2, a2 * b1 + b2
 
 
-def reference_core(u, dt, A, B, C, h0):
-    """All (b, l, g, p, n) states by one associative scan over time."""
+def reference_core(u, dt, A, B, C, h0, continuation=None):
+    """All (b, l, g, p, n) states by one associative scan over time. ``continuation``
+    (b, l) float, optional, multiplies each step's decay (0: the state is dropped)."""
     a = jnp.exp(dt[..., None] * A)
+    if continuation is not None:
+        a = a * continuation[:, :, None, None, None]
     b = (dt * u)[..., None] * B[:, :, :, None, :]
     b = b.at[:, 0].add(a[:, 0] * h0)
     _, h = lax.associative_scan(combine, (a, b), axis=1)
@@ -140,12 +143,14 @@ def reference_core(u, dt, A, B, C, h0):
 
 @functools.partial(jax.jit, static_argnames=("delta_softplus",))
 def selective_scan_reference(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None, continuation=None
 ):
     """The oracle: ``(y, final_state)`` by an associative scan over (b, l, d, n).
 
     O(b l d n) memory; autodiff through it is the reference gradient.
+    ``continuation`` (b, l), optional: 0 where a new packed document starts (the
+    state carried into that step is dropped), 1 elsewhere.
     """
     B, C = validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
     core_in = prepare(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
-    return finish(*reference_core(*core_in), u, D, z)
+    return finish(*reference_core(*core_in, continuation), u, D, z)
