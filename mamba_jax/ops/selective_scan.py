@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mamba_jax import sharding
 from mamba_jax.typing import Array, Float, Int
 from pallas_kernels.selective_scan.block_sizes import MAX_STATE_SIZE, SelectiveScanBlockSizes
 from pallas_kernels.selective_scan.reference import (
@@ -140,9 +141,7 @@ def selective_scan(
         fn = functools.partial(_per_platform, impl, chunk_size)
     else:
         fn = _impl_fn(impl, chunk_size, "cpu")
-    from mamba_jax import sharding  # the mesh set with jax.set_mesh, if any
-
-    if sharding.active_mesh() is not None:
+    if sharding.active_mesh() is not None:  # a mesh set with jax.set_mesh: shard_map
         y, final_state = sharding.sharded_selective_scan(fn, *args)
     else:
         y, final_state = fn(*args)
