@@ -95,7 +95,9 @@ _TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 DAMAGED_PREFIX = "_corrupted_"
 _DAMAGED_RE = re.compile(rf"^{DAMAGED_PREFIX}(\d+)_\d+$")
 # TensorStore status codes of a file that is there but cannot be decoded ...
-_DAMAGE_CODES = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b")
+# (Newer TensorStore reports a chunk that fails to decompress as FAILED_PRECONDITION with
+# the codec's "Data corruption detected": the status alone is not damage, the message is.)
+_DAMAGE_CODES = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b|Data corruption detected")
 # ... and of a failure that may well succeed on the next try.
 _TRANSIENT_CODES = re.compile(
     r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|PERMISSION_DENIED|RESOURCE_EXHAUSTED|ABORTED|CANCELLED|UNAUTHENTICATED)\b"
@@ -122,8 +124,8 @@ def is_damage(err: BaseException) -> bool:
     """Whether ``err`` (raised while reading a finalised step) means the files are damaged.
 
     Only positive evidence counts: a fingerprint mismatch, a missing file, unparsable
-    JSON, or a TensorStore ``DATA_LOSS`` / ``OUT_OF_RANGE`` / ``NOT_FOUND`` status
-    anywhere in the exception chain. An ``OSError`` other than a missing file, a
+    JSON, or a TensorStore ``DATA_LOSS`` / ``OUT_OF_RANGE`` / ``NOT_FOUND`` status or a
+    codec's "Data corruption detected" anywhere in the exception chain. An ``OSError`` other than a missing file, a
     ``MemoryError`` or a transient TensorStore status anywhere in the chain is never
     damage, whatever else the chain says."""
     for e in _chain(err):
