@@ -1,7 +1,7 @@
 """Conventions shared by the numbered experiments (not library logic).
 
 Every experiment takes ``--quick`` (a CI smoke run of seconds), ``--out`` (where the
-JSON and PNG go; default ``experiments/results``) and ``--workdir`` (metrics.jsonl and
+JSON and PNG go; default ``experiments/results``, or a temporary directory with ``--quick``) and ``--workdir`` (metrics.jsonl and
 checkpoints of each training run; a rerun resumes from there). Results are written
 with :func:`write_results`, which adds the environment (versions, CPU, device), and
 :func:`save_figure`.
@@ -27,11 +27,16 @@ def parse_args(name: str, description: str | None = None, extra=None) -> argpars
     temporary one in quick mode), plus whatever ``extra(parser)`` adds."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (CI)")
-    parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON and PNG results")
+    parser.add_argument("--out", default=None,
+                        help="directory for the JSON and PNG results (default experiments/results; with --quick a temporary one)")
     parser.add_argument("--workdir", default=None, help="training runs' metrics and checkpoints (resumed if present)")
     if extra is not None:
         extra(parser)
     args, _ = parser.parse_known_args()  # notebooks (jupytext) pass their own arguments
+    if args.out is None:  # a --quick run never overwrites the committed results
+        import tempfile
+
+        args.out = tempfile.mkdtemp(prefix=f"{name}_quick_results_") if args.quick else str(RESULTS)
     if args.workdir is None:
         if args.quick:
             import tempfile

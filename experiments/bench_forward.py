@@ -32,7 +32,8 @@ MATMUL_N = 2048
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="short sequence and few repeats (smoke test)")
-parser.add_argument("--out", default="experiments/results/bench_forward_cpu.json")
+parser.add_argument("--out", default=None, help="JSON path (default experiments/results/bench_forward_cpu.json; "
+                    "with --quick a temporary file: a smoke run never overwrites the committed result)")
 args, _ = parser.parse_known_args()
 if args.quick:
     N_LAYER, SEQ_LEN, REPEATS, MATMUL_N = 2, 64, 2, 512
@@ -118,6 +119,11 @@ print(f"|---|---|---|---|")
 print(f"| mamba-jax (XLA) | {ours_s * 1e3:.0f} ms | {flops / ours_s / 1e9:.1f} | {result['ours_fraction_of_ceiling']:.0%} |")
 print(f"| transformers MambaForCausalLM | {hf_s * 1e3:.0f} ms | {flops / hf_s / 1e9:.1f} | {result['hf_fraction_of_ceiling']:.0%} |")
 print(f"\nspeedup vs transformers: {result['speedup_vs_hf']:.2f}x")
+if args.out is None:
+    import tempfile
+
+    args.out = (tempfile.mkdtemp(prefix="bench_forward_quick_") + "/bench_forward_cpu.json" if args.quick
+                else "experiments/results/bench_forward_cpu.json")
 out = pathlib.Path(args.out)
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps(result, indent=2))

@@ -186,7 +186,12 @@ def main(argv=None):
         g["CONTEXTS"] = args.contexts
     backend = jax.default_backend()
     device = jax.devices()[0].device_kind
-    stem = args.out or os.path.join(OUT_DIR, f"bench_generate_{backend}")
+    out_dir = OUT_DIR
+    if args.quick:  # a smoke run never overwrites the committed results
+        import tempfile
+
+        out_dir = tempfile.mkdtemp(prefix="bench_generate_quick_")
+    stem = args.out or os.path.join(out_dir, f"bench_generate_{backend}")
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     t_start = time.perf_counter()
     load_before = os.getloadavg()

@@ -185,7 +185,7 @@ def fmt_row(r, ceiling):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
-    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--out", default=None, help="results directory (default results/; with --quick a temporary one)")
     a = p.parse_args()
     tag = device_tag()
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -261,6 +261,10 @@ def main():
     for note in notes:
         print("note:", note)
 
+    if a.out is None:  # a --quick run never writes into the committed results
+        import tempfile
+
+        a.out = tempfile.mkdtemp(prefix="bench_scan_quick_") if a.quick else RESULTS
     os.makedirs(a.out, exist_ok=True)
     suffix = "_quick" if a.quick else ""
     out = dict(device=jax.devices()[0].device_kind, tag=tag, jax=jax.__version__, copy_GBps=ceiling / 1e9,

@@ -24,3 +24,16 @@ def test_experiment_quick(script, tmp_path):
         payload = json.loads(path.read_text())
         assert payload["quick"] is True
     assert list(tmp_path.glob("*.png")), "the experiment wrote no plot"
+
+
+def test_quick_never_writes_into_committed_results(monkeypatch):
+    """Without --out, a --quick run of a numbered experiment writes to a temporary directory;
+    a full run to results/. (The bench_*.py scripts apply the same rule to their own --out.)"""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import _common
+
+    monkeypatch.setattr(sys, "argv", ["x", "--quick"])
+    quick = _common.parse_args("x")
+    assert pathlib.Path(quick.out).resolve() != _common.RESULTS.resolve()
+    monkeypatch.setattr(sys, "argv", ["x"])
+    assert pathlib.Path(_common.parse_args("x").out).resolve() == _common.RESULTS.resolve()
