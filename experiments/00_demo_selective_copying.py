@@ -39,6 +39,8 @@ SEED = 0
 # %%
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--lti", action="store_true", help="train the LTI ablation (no selection)")
+parser.add_argument("--layer", choices=("mamba1", "mamba2"), default="mamba1",
+                    help="mamba2: the same task with Mamba-2 (SSD) layers, headdim 16, chunk 64")
 parser.add_argument("--steps", type=int, default=STEPS)
 parser.add_argument("--quick", action="store_true", help="a few steps, for a smoke test")
 parser.add_argument("--checkpoint-dir", default="checkpoints/demo", help="where the orbax checkpoint goes")
@@ -47,15 +49,18 @@ args, _ = parser.parse_known_args()
 steps = 20 if args.quick else args.steps
 eval_size = 64 if args.quick else EVAL_BATCH
 
+if args.lti and args.layer == "mamba2":
+    parser.error("--lti is an ablation of the Mamba-1 layer; it does not combine with --layer mamba2")
+mamba2 = dict(layer="mamba2", headdim=16, chunk_size=64) if args.layer == "mamba2" else {}
 config = mj.MambaConfig(
-    d_model=D_MODEL, n_layer=N_LAYER, d_state=D_STATE, vocab_size=VOCAB, selective=not args.lti
+    d_model=D_MODEL, n_layer=N_LAYER, d_state=D_STATE, vocab_size=VOCAB, selective=not args.lti, **mamba2
 )
 model = mj.MambaLM(config, rngs=nnx.Rngs(SEED))
 optimizer = make_optimizer(
     model, learning_rate=LEARNING_RATE, total_steps=steps, warmup_steps=min(100, steps // 10), weight_decay=0.0
 )
 n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-kind = "LTI ablation (no selection)" if args.lti else "Mamba (selective)"
+kind = "LTI ablation (no selection)" if args.lti else ("Mamba-2 (SSD)" if mamba2 else "Mamba (selective)")
 print(f"{kind}: {N_LAYER} layers, d_model {D_MODEL}, {n_params:,} parameters; "
       f"copy {N_TOKENS} tokens out of a context of {SEQ_LEN}; {steps} steps of batch {BATCH}")
 
@@ -80,7 +85,7 @@ print(f"\nheld-out accuracy over {eval_size} sequences: {final['accuracy']:.1%} 
       f"{final['sequence_accuracy']:.1%} of sequences fully copied")
 
 # %% Save an orbax checkpoint, restore it into an abstract model and check it
-ckpt_dir = pathlib.Path(args.checkpoint_dir).absolute() / ("lti" if args.lti else "selective")
+ckpt_dir = pathlib.Path(args.checkpoint_dir).absolute() / ("lti" if args.lti else "mamba2" if mamba2 else "selective")
 checkpointer = ocp.StandardCheckpointer()
 checkpointer.save(ckpt_dir, nnx.state(model), force=True)
 checkpointer.wait_until_finished()

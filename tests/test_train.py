@@ -54,9 +54,10 @@ def test_weight_decay_skips_vectors_and_A_log():
     np.testing.assert_array_equal(after["norm_f"]["weight"][...], before["norm_f"]["weight"][...])
 
 
-def test_demo_quick_run(tmp_path):
+@pytest.mark.parametrize("layer", ["mamba1", "mamba2"])
+def test_demo_quick_run(tmp_path, layer):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments/00_demo_selective_copying.py"), "--quick",
+        [sys.executable, str(ROOT / "experiments/00_demo_selective_copying.py"), "--quick", "--layer", layer,
          "--checkpoint-dir", str(tmp_path / "ckpt"), "--results", str(tmp_path / "r.json")],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
