@@ -120,7 +120,7 @@ def _grads_and_metrics(model: nnx.Module, batch: Mapping[str, Array], accum_step
 
     def summed(p, micro):
         m = nnx.merge(graphdef, p, rest)
-        nll, correct = _token_nll(m(micro["inputs"]), micro["targets"])
+        nll, correct = _token_nll(m(micro["inputs"], seq_idx=micro.get("seq_idx")), micro["targets"])
         w = micro["weights"].astype(jnp.float32)
         return jnp.sum(nll * w), jnp.sum(correct * w)
 
@@ -156,7 +156,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict
 
 
 def _eval_metrics(model: nnx.Module, batch: Mapping[str, Array]) -> dict:
-    logits = model(batch["inputs"])
+    logits = model(batch["inputs"], seq_idx=batch.get("seq_idx"))
     loss, acc = cross_entropy(logits, batch["targets"], batch["weights"])
     wrong = (jnp.argmax(logits, axis=-1) != batch["targets"]) & (batch["weights"] > 0)
     return {"loss": loss, "accuracy": acc, "sequence_accuracy": jnp.mean(~jnp.any(wrong, axis=-1))}

@@ -43,3 +43,34 @@ def test_packed_documents_equal_each_alone(name):
     first, cache = model(ids[:, :8], cache=cache, seq_idx=seq_idx[:, :8])
     second, _ = model(ids[:, 8:], cache=cache, seq_idx=seq_idx[:, 8:])
     assert rel_err(jnp.concatenate([first, second], axis=1), packed) < TOL["float32"], name
+
+
+def test_packed_byte_batches_train_and_evaluate_per_document():
+    """ByteCorpus(packed=True) marks a new document at every separator, and the train
+    and eval steps score a packed batch exactly as its documents scored one by one."""
+    from mamba_jax.data import ByteCorpus
+    from mamba_jax.data.text import SEPARATOR
+    from mamba_jax.train import _grads_and_metrics, eval_step
+
+    docs = [(f"doc{i}", bytes(np.random.default_rng(i).integers(1, 256, 5 + 3 * i, dtype=np.uint8))) for i in range(12)]
+    corpus = ByteCorpus.from_documents(docs, held_out_fraction=0.0)
+    batch = corpus.sample_batch(np.random.default_rng(0), 2, 24, packed=True)
+    inputs, seq_idx = batch["inputs"], batch["seq_idx"]
+    assert np.array_equal(seq_idx, np.cumsum(inputs == SEPARATOR, axis=1))
+    assert (np.diff(seq_idx, axis=1) > 0).any()  # the windows do cross documents
+    cfg = mj.MambaConfig(d_model=16, n_layer=2, vocab_size=256, attn_layer_idx=(1,), attn_num_heads=2)
+    model = mj.MambaLM(cfg, rngs=nnx.Rngs(0))
+    # The oracle: every document of every row scored alone (summed token losses / tokens).
+    total = 0.0
+    for row in range(2):
+        for doc in np.unique(seq_idx[row]):
+            cols = np.flatnonzero(seq_idx[row] == doc)
+            logp = jax.nn.log_softmax(model(jnp.asarray(inputs[row : row + 1, cols])).astype(jnp.float32))
+            total += -float(jnp.take_along_axis(logp[0], jnp.asarray(batch["targets"][row, cols])[:, None], -1).sum())
+    expected = total / inputs.size
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    assert abs(float(eval_step(model, jbatch)["loss"]) - expected) < 1e-5 * expected
+    _, metrics = _grads_and_metrics(model, jbatch)
+    assert abs(float(metrics["loss"]) - expected) < 1e-5 * expected
+    ids = jnp.asarray(inputs)  # the control: the ids change what the model computes
+    assert rel_err(model(ids, seq_idx=jnp.asarray(seq_idx)), model(ids)) > 1e-3

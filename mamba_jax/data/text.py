@@ -218,9 +218,16 @@ class ByteCorpus:
     # ------------------------------------------------------------------ batches
 
     def sample_batch(
-        self, key: jax.Array | np.random.Generator, batch_size: int, seq_len: int, split: str = "train"
+        self, key: jax.Array | np.random.Generator, batch_size: int, seq_len: int, split: str = "train",
+        packed: bool = False,
     ) -> dict:
         """Random windows: ``inputs = bytes[t:t+L]``, ``targets = bytes[t+1:t+L+1]``, ``weights`` ones.
+
+        ``packed=True`` also returns ``seq_idx`` (int32, (batch_size, seq_len)): the
+        number of ``SEPARATOR`` bytes in the window up to each position, so every
+        separator starts a new document (it plays the part of a beginning-of-document
+        token) and the model (``model(inputs, seq_idx=...)``, the ``Trainer``) lets no
+        state cross from one document to the next.
 
         Starts ``t`` are uniform over every full window, drawn from a
         ``jax.random`` key (deterministic in the key) or a
@@ -238,11 +245,14 @@ class ByteCorpus:
         else:
             starts = np.asarray(jax.random.randint(key, (batch_size,), 0, num_starts))
         windows = np.lib.stride_tricks.sliding_window_view(data, seq_len + 1)[starts].astype(np.int32)
-        return {
+        batch = {
             "inputs": windows[:, :-1],
             "targets": windows[:, 1:],
             "weights": np.ones((batch_size, seq_len), np.float32),
         }
+        if packed:
+            batch["seq_idx"] = np.cumsum(batch["inputs"] == SEPARATOR, axis=1, dtype=np.int32)
+        return batch
 
     def eval_batches(
         self, seq_len: int, batch_size: int, split: str = "held_out", max_batches: int | None = None
