@@ -158,18 +158,26 @@ def _hf_config_fields(raw: Mapping) -> tuple[dict, int]:
         d_conv=_as_int(raw, "conv_kernel") if "conv_kernel" in raw else 4,
         expand=expand,
         dt_rank=None if rank == "auto" else rank,
-        dt_min=_as_float(raw, "time_step_min", 0.001),
-        dt_max=_as_float(raw, "time_step_max", 0.1),
         dt_init=init,
         dt_scale=_as_float(raw, "time_step_scale", 1.0),
+        **_hf_shared_fields(raw, tie_default=True),
+    )
+    return fields, _as_int(raw, "vocab_size")
+
+
+def _hf_shared_fields(raw: Mapping, *, tie_default: bool) -> dict:
+    """The fields that transformers' Mamba and Mamba2 configs spell alike (only the
+    default of ``tie_word_embeddings`` differs: True for Mamba, False for Mamba2)."""
+    return dict(
+        dt_min=_as_float(raw, "time_step_min", 0.001),
+        dt_max=_as_float(raw, "time_step_max", 0.1),
         dt_init_floor=_as_float(raw, "time_step_floor", 1e-4),
         conv_bias=_as_bool(raw, "use_conv_bias", True),
         bias=_as_bool(raw, "use_bias", False),
         norm_epsilon=_as_float(raw, "layer_norm_epsilon", 1e-5),
         residual_in_fp32=_as_bool(raw, "residual_in_fp32", True),
-        tie_embeddings=_as_bool(raw, "tie_word_embeddings", True),
+        tie_embeddings=_as_bool(raw, "tie_word_embeddings", tie_default),
     )
-    return fields, _as_int(raw, "vocab_size")
 
 
 _HF_USED = {
@@ -244,14 +252,7 @@ def _hf2_config_fields(raw: Mapping) -> tuple[dict, int]:
         ngroups=_as_int(raw, "n_groups") if "n_groups" in raw else 8,
         chunk_size=_as_int(raw, "chunk_size") if "chunk_size" in raw else 256,
         dt_limit=(float(limit[0]), float(limit[1])),
-        dt_min=_as_float(raw, "time_step_min", 0.001),
-        dt_max=_as_float(raw, "time_step_max", 0.1),
-        dt_init_floor=_as_float(raw, "time_step_floor", 1e-4),
-        conv_bias=_as_bool(raw, "use_conv_bias", True),
-        bias=_as_bool(raw, "use_bias", False),
-        norm_epsilon=_as_float(raw, "layer_norm_epsilon", 1e-5),
-        residual_in_fp32=_as_bool(raw, "residual_in_fp32", True),
-        tie_embeddings=_as_bool(raw, "tie_word_embeddings", False),
+        **_hf_shared_fields(raw, tie_default=False),
     )
     return fields, _as_int(raw, "vocab_size")
 
