@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mamba_jax.typing import Array, Float, Int
+from pallas_kernels.selective_scan.reference import check_float, check_shape
 
 SSD_IMPLS = ("reference", "chunked", "pallas")
 DEFAULT_DT_LIMIT = (0.0, float("inf"))
@@ -177,19 +178,6 @@ def resolve_ssd_impl(backend: str, state_size: int | None = None, seq_len: int |
 # --------------------------------------------------------------------------
 
 
-def _check_float(name, v):
-    if not hasattr(v, "shape") or not hasattr(v, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(v).__name__}")
-    if not jnp.issubdtype(v.dtype, jnp.floating):
-        raise TypeError(f"{name} must have a floating dtype, got {name}.dtype={v.dtype}")
-
-
-def _check_shape(name, v, expected, desc):
-    _check_float(name, v)
-    if tuple(v.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {desc}={tuple(expected)}, got {name}.shape={tuple(v.shape)}")
-
-
 def _validate(x, dt, A, B, C, D, z, dt_bias, state, seq_idx, *, time, state_name="initial_state"):
     """Checks every argument; errors name the argument and the expected shape.
 
@@ -197,31 +185,31 @@ def _validate(x, dt, A, B, C, D, z, dt_bias, state, seq_idx, *, time, state_name
     Nothing is broadcast or coerced.
     """
     lead = "(b, l, " if time else "(b, "
-    _check_float("x", x)
+    check_float("x", x)
     if x.ndim != (4 if time else 3):
         raise ValueError(f"x must have shape {lead}h, p), got x.shape={tuple(x.shape)}")
     if time and x.shape[1] == 0:
         raise ValueError(f"x has zero length along time (l=0), x.shape={tuple(x.shape)}")
     bl, (h, p) = x.shape[:-2], x.shape[-2:]
-    _check_shape("dt", dt, (*bl, h), f"{lead}h)")
-    _check_shape("A", A, (h,), "(h,)")
-    _check_float("B", B)
+    check_shape("dt", dt, (*bl, h), f"{lead}h)")
+    check_shape("A", A, (h,), "(h,)")
+    check_float("B", B)
     if B.ndim != len(bl) + 2 or tuple(B.shape[:-2]) != tuple(bl):
         raise ValueError(f"B must have shape {lead}g, n) with {lead[1:]}...)={tuple(bl)}, got B.shape={tuple(B.shape)}")
     g, n = B.shape[-2:]
     if g < 1 or h % g:
         raise ValueError(f"number of groups g={g} in B (B.shape={tuple(B.shape)}) must divide the number of heads h={h}")
-    _check_shape("C", C, B.shape, f"{lead}g, n) like B")
+    check_shape("C", C, B.shape, f"{lead}g, n) like B")
     if D is not None:
-        _check_float("D", D)
+        check_float("D", D)
         if tuple(D.shape) not in ((h,), (h, p)):
             raise ValueError(f"D must have shape (h,)=({h},) or (h, p)=({h}, {p}), got D.shape={tuple(D.shape)}")
     if z is not None:
-        _check_shape("z", z, x.shape, f"{lead}h, p) like x")
+        check_shape("z", z, x.shape, f"{lead}h, p) like x")
     if dt_bias is not None:
-        _check_shape("dt_bias", dt_bias, (h,), "(h,)")
+        check_shape("dt_bias", dt_bias, (h,), "(h,)")
     if state is not None:
-        _check_shape(state_name, state, (bl[0], h, p, n), "(b, h, p, n)")
+        check_shape(state_name, state, (bl[0], h, p, n), "(b, h, p, n)")
     if seq_idx is not None:
         if not hasattr(seq_idx, "shape") or not hasattr(seq_idx, "dtype"):
             raise TypeError(f"seq_idx must be an array, got {type(seq_idx).__name__}")

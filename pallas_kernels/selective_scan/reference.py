@@ -24,15 +24,15 @@ from jax import lax
 _F32 = jnp.float32
 
 
-def _check_float(name: str, x) -> None:
+def check_float(name: str, x) -> None:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating dtype, got {name}.dtype={x.dtype}")
 
 
-def _check_shape(name: str, x, expected: tuple, desc: str) -> None:
-    _check_float(name, x)
+def check_shape(name: str, x, expected: tuple, desc: str) -> None:
+    check_float(name, x)
     if tuple(x.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {desc}={tuple(expected)}, got {name}.shape={tuple(x.shape)}")
 
@@ -43,20 +43,20 @@ def validate(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=N
     Errors name the argument and the expected shape or dtype; nothing is
     broadcast or coerced.
     """
-    _check_float("u", u)
+    check_float("u", u)
     if u.ndim != 3:
         raise ValueError(f"u must have shape (b, l, d), got u.shape={tuple(u.shape)}")
     b, l, d = u.shape
     if l == 0:
         raise ValueError("u has zero length along time (l=0)")
-    _check_shape("delta", delta, (b, l, d), "(b, l, d)")
-    _check_float("A", A)
+    check_shape("delta", delta, (b, l, d), "(b, l, d)")
+    check_float("A", A)
     if A.ndim != 2 or A.shape[0] != d:
         raise ValueError(f"A must have shape (d, n) with d={d}, got A.shape={tuple(A.shape)}")
     n = A.shape[1]
     grouped = []
     for name, x in (("B", B), ("C", C)):
-        _check_float(name, x)
+        check_float(name, x)
         if x.ndim == 3:
             x = x[:, :, None, :]
         if x.ndim != 4 or x.shape[:2] != (b, l) or x.shape[3] != n:
@@ -73,13 +73,13 @@ def validate(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=N
             f"B and C must have the same groups, got B.shape={tuple(B.shape)} and C.shape={tuple(C.shape)}"
         )
     if D is not None:
-        _check_shape("D", D, (d,), "(d,)")
+        check_shape("D", D, (d,), "(d,)")
     if z is not None:
-        _check_shape("z", z, (b, l, d), "(b, l, d)")
+        check_shape("z", z, (b, l, d), "(b, l, d)")
     if delta_bias is not None:
-        _check_shape("delta_bias", delta_bias, (d,), "(d,)")
+        check_shape("delta_bias", delta_bias, (d,), "(d,)")
     if initial_state is not None:
-        _check_shape("initial_state", initial_state, (b, d, n), "(b, d, n)")
+        check_shape("initial_state", initial_state, (b, d, n), "(b, d, n)")
     return grouped[0], grouped[1]
 
 
