@@ -196,8 +196,6 @@ class Mamba2Mixer(nnx.Module):
         keep = None if mask is None else mask[..., None]
         if keep is not None:
             xBC = jnp.where(keep, xBC, jnp.zeros_like(xBC))
-        if seq_idx is not None and (seq_idx.shape != (b, l) or not jnp.issubdtype(seq_idx.dtype, jnp.integer)):
-            raise ValueError(f"seq_idx must be an int array of shape (b, l)={(b, l)}, got {seq_idx.dtype} {seq_idx.shape}")
         if cache is None:
             xBC = self.conv1d(xBC, seq_idx=seq_idx)
         else:
