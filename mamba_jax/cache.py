@@ -66,6 +66,9 @@ class AttentionLayerCache:
       lengths: (b,) int32, real tokens seen so far per row: the RoPE position of
         the next real token (left padding does not shift positions).
       index: () int32, slots written so far (the same for every row).
+      conv_state: with ``MambaConfig.attn_d_conv`` = k > 0, the last ``k - 1``
+        fused q/k/v projections before the convolution, (b, k - 1, (h + 2 h_kv) p),
+        in the compute dtype; None without the convolution.
     """
 
     k: Float[Array, "b t g p"]
@@ -73,10 +76,12 @@ class AttentionLayerCache:
     valid: Array
     lengths: Array
     index: Array
+    conv_state: Float[Array, "b k1 q"] | None = None
 
     @classmethod
     def zeros(
-        cls, batch_size: int, max_length: int, num_heads_kv: int, head_dim: int, dtype: DType
+        cls, batch_size: int, max_length: int, num_heads_kv: int, head_dim: int, dtype: DType,
+        *, qkv_dim: int = 0, d_conv: int = 0,
     ) -> "AttentionLayerCache":
         shape = (batch_size, max_length, num_heads_kv, head_dim)
         return cls(
@@ -85,6 +90,7 @@ class AttentionLayerCache:
             valid=jnp.zeros((batch_size, max_length), jnp.bool_),
             lengths=jnp.zeros((batch_size,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
+            conv_state=jnp.zeros((batch_size, d_conv - 1, qkv_dim), dtype) if d_conv else None,
         )
 
     @property

@@ -68,6 +68,9 @@ class MambaConfig:
       attn_rope_base: base of the RoPE frequencies.
       attn_qkv_bias: whether the fused q/k/v projection has a bias.
       attn_out_bias: whether the attention output projection has a bias.
+      attn_d_conv: width of a causal depthwise convolution (with bias, no
+        activation) over the fused q/k/v projection before RoPE, as the
+        reference ``MHA(d_conv=...)`` of ``mamba2attn-2.7b``; 0 means none.
       layer: ``"mamba1"`` or ``"mamba2"``, the mixer of the non-attention layers.
         Mamba-2 ignores ``dt_rank``, ``dt_init`` and ``dt_scale`` (its time step
         is one bias per head) and uses ``d_state`` per head (the reference
@@ -120,6 +123,7 @@ class MambaConfig:
     attn_rope_base: float = 10000.0
     attn_qkv_bias: bool = False
     attn_out_bias: bool = False
+    attn_d_conv: int = 0
     layer: str = "mamba1"
     headdim: int = 64
     ngroups: int = 1
@@ -228,6 +232,8 @@ class MambaConfig:
         for name in ("attn_qkv_bias", "attn_out_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MambaConfig.{name}={getattr(self, name)!r} must be a bool")
+        if not _is_int(self.attn_d_conv) or self.attn_d_conv < 0:
+            raise ValueError(f"MambaConfig.attn_d_conv={self.attn_d_conv!r} must be an int >= 0 (0: no convolution)")
         if not idx:
             return  # the head geometry only matters when some layer is attention
         h, g = self.attn_num_heads, self.resolved_attn_num_heads_kv
@@ -400,3 +406,14 @@ class MambaConfig:
     @classmethod
     def mamba2_2_7b(cls, **kw) -> "MambaConfig":
         return cls.mamba2(2560, 64, **kw)
+
+    @classmethod
+    def mamba2attn_2_7b(cls, **kw) -> "MambaConfig":
+        """``state-spaces/mamba2attn-2.7b``: Mamba-2 with six attention layers (config.json
+        ``attn_layer_idx`` [9, 18, 27, 36, 45, 56], ``attn_cfg`` 30 heads of 128, RoPE on 64
+        dims, ``d_conv`` 4, no biases)."""
+        attn = dict(
+            attn_layer_idx=(9, 18, 27, 36, 45, 56), attn_num_heads=30, attn_head_dim=128, attn_rotary_dim=64,
+            attn_d_conv=4, attn_qkv_bias=False, attn_out_bias=False,
+        )
+        return cls.mamba2(2560, 64, **{**attn, **kw})

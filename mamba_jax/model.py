@@ -95,8 +95,10 @@ class MambaLM(nnx.Module):
 
         def layer(i):  # called once per layer: no two layers share a buffer
             if cfg.is_attention_layer(i):
+                g, p = cfg.resolved_attn_num_heads_kv, cfg.resolved_attn_head_dim
                 return AttentionLayerCache.zeros(
-                    batch_size, max_length, cfg.resolved_attn_num_heads_kv, cfg.resolved_attn_head_dim, self.dtype
+                    batch_size, max_length, g, p, self.dtype,
+                    qkv_dim=(cfg.attn_num_heads + 2 * g) * p, d_conv=cfg.attn_d_conv,
                 )
             if cfg.is_mamba2:
                 return mamba2_cache_zeros(cfg, batch_size, self.dtype)

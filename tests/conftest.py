@@ -79,17 +79,29 @@ def rope_oracle(x, positions, rotary_dim, base=10000.0):
 
 
 def attention_oracle(x, w_in, w_out, *, num_heads, num_heads_kv, rotary_dim, base=10000.0, b_in=None, b_out=None,
-                     mask=None):
+                     mask=None, conv_w=None, conv_b=None):
     """Causal self-attention from its definition, float64 NumPy: ``softmax(q k^T / sqrt(p)) v``
     over the keys at or before each query (and, with a left-padding ``mask``, real ones only),
     query head ``i`` using KV head ``i // (h / h_kv)`` (GQA), RoPE on the first ``rotary_dim``
-    dims at the positions of the real tokens. ``w_in`` (e, (h + 2 h_kv) p), ``w_out`` (h p, e)."""
-    x, w_in, w_out, b_in, b_out = map(_np64, (x, w_in, w_out, b_in, b_out))
+    dims at the positions of the real tokens. ``w_in`` (e, (h + 2 h_kv) p), ``w_out`` (h p, e).
+    With ``conv_w`` (k, (h + 2 h_kv) p) and ``conv_b``, the reference ``MHA(d_conv=k)``: the
+    projection at time t becomes ``conv_b + sum_j conv_w[j] qkv[t - k + 1 + j]`` (zeros before
+    the start and at padded steps)."""
+    x, w_in, w_out, b_in, b_out, conv_w, conv_b = map(_np64, (x, w_in, w_out, b_in, b_out, conv_w, conv_b))
     b, l, _ = x.shape
     h, g = num_heads, num_heads_kv
     p = w_out.shape[0] // h
     mask = np.ones((b, l), bool) if mask is None else np.asarray(mask)
     qkv = x @ w_in + (0.0 if b_in is None else b_in)
+    if conv_w is not None:
+        qkv = np.where(mask[..., None], qkv, 0.0)
+        k_taps = conv_w.shape[0]
+        conv = np.zeros_like(qkv) + conv_b
+        for t in range(l):
+            for j in range(k_taps):
+                if 0 <= t - k_taps + 1 + j:
+                    conv[:, t] += conv_w[j] * qkv[:, t - k_taps + 1 + j]
+        qkv = conv
     q = qkv[..., : h * p].reshape(b, l, h, p)
     k = qkv[..., h * p : (h + g) * p].reshape(b, l, g, p)
     v = qkv[..., (h + g) * p :].reshape(b, l, g, p)
@@ -161,6 +173,8 @@ def lm_oracle(model, input_ids):
                 b_in=mixer["in_proj"].get("bias"), b_out=mixer["out_proj"].get("bias"),
                 num_heads=cfg.attn_num_heads, num_heads_kv=cfg.resolved_attn_num_heads_kv,
                 rotary_dim=cfg.resolved_attn_rotary_dim, base=float(cfg.attn_rope_base),
+                conv_w=mixer["conv1d"]["kernel"] if cfg.attn_d_conv else None,
+                conv_b=mixer["conv1d"]["bias"] if cfg.attn_d_conv else None,
             )
         else:
             hidden = mamba_mixer_oracle(layer["mixer"], normed, cfg)

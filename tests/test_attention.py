@@ -30,7 +30,12 @@ def transformer_config(**kw):
     return mj.MambaConfig.transformer_pp(**{**base, **kw})
 
 
-LAYOUTS = {"hybrid": hybrid_config, "transformer": transformer_config}
+LAYOUTS = {
+    "hybrid": hybrid_config,
+    "transformer": transformer_config,
+    # with the short convolution over q/k/v of mamba2attn (attn_cfg.d_conv)
+    "hybrid-conv": lambda **kw: hybrid_config(attn_d_conv=4, **kw),
+}
 
 
 def filled_model(config, seed=0, dtype=jnp.float32):
@@ -114,13 +119,13 @@ def test_grouped_kv_heads_equal_mha_with_repeated_kv():
 
 
 @pytest.mark.parametrize(
-    "heads, heads_kv, rotary, bias",
-    [(4, 2, 4, False), (4, 1, None, True), (2, 2, 0, False)],
-    ids=["gqa-partial-rope", "mqa-full-rope-bias", "mha-no-rope"],
+    "heads, heads_kv, rotary, bias, d_conv",
+    [(4, 2, 4, False, 0), (4, 1, None, True, 0), (2, 2, 0, False, 0), (4, 2, 4, False, 4), (2, 1, 8, True, 2)],
+    ids=["gqa-partial-rope", "mqa-full-rope-bias", "mha-no-rope", "gqa-conv4", "mqa-conv2-bias"],
 )
-def test_attention_layer_matches_the_numpy_oracle(heads, heads_kv, rotary, bias):
+def test_attention_layer_matches_the_numpy_oracle(heads, heads_kv, rotary, bias, d_conv):
     cfg = hybrid_config(attn_num_heads=heads, attn_num_heads_kv=heads_kv, attn_rotary_dim=rotary,
-                        attn_qkv_bias=bias, attn_out_bias=bias, attn_rope_base=500.0)
+                        attn_qkv_bias=bias, attn_out_bias=bias, attn_rope_base=500.0, attn_d_conv=d_conv)
     layer = random_like(nnx.eval_shape(lambda: CausalSelfAttention(cfg, rngs=nnx.Rngs(0))), seed=heads + heads_kv,
                         fill=lambda rng, shape: 0.7 * fan_in_normal(rng, shape))
     x = jax.random.normal(jax.random.key(5), (2, 11, cfg.d_model))
@@ -129,6 +134,7 @@ def test_attention_layer_matches_the_numpy_oracle(heads, heads_kv, rotary, bias)
         x, layer.in_proj.kernel[...], layer.out_proj.kernel[...], num_heads=heads, num_heads_kv=heads_kv,
         rotary_dim=cfg.resolved_attn_rotary_dim, base=500.0, mask=m,
         b_in=layer.in_proj.bias[...] if bias else None, b_out=layer.out_proj.bias[...] if bias else None,
+        conv_w=layer.conv1d.kernel[...] if d_conv else None, conv_b=layer.conv1d.bias[...] if d_conv else None,
     )
     call = nnx.jit(lambda m, x, mask: m(x, mask=mask))
     assert rel_err(call(layer, x, None), oracle(None)) < TOL["float32"]
@@ -297,7 +303,7 @@ def test_generate_greedy_equals_parallel_forwards(models, layout):
     assert len({t for w in want for t in w}) > 4  # not a model that repeats one token
     # Ragged prompts, left padded inside; each row gets what it gets alone. The hybrid
     # also prefills in chunks (more padding in the KV cache, before the real tokens).
-    chunk = 4 if layout == "hybrid" else None
+    chunk = 4 if layout != "transformer" else None
     out = mj.generate(model, PROMPTS, 6, temperature=0.0, prefill_chunk=chunk)
     assert np.asarray(out).tolist() == want
 

@@ -343,7 +343,7 @@ def test_unknown_hf_config_key_warns(hf_dir):
         ({"ssm_cfg": {"layer": "Mamba3"}}, r"ssm_cfg.layer='Mamba3'"),
         # a hybrid config whose checkpoint holds no MLP / attention weights (the hybrid import is in test_mamba2.py)
         ({"d_intermediate": 128}, r"the checkpoint lacks tensors the model needs"),
-        ({"attn_layer_idx": [1], "attn_cfg": {"causal": True, "num_heads": 4, "d_conv": 4}}, r"attn_cfg.d_conv=4"),
+        ({"attn_layer_idx": [1], "attn_cfg": {"causal": True, "num_heads": 4, "mlp_dim": 64}}, r"attn_cfg.mlp_dim=64"),
         ({"norm_eps": 1e-6}, r"unknown mamba_ssm config key 'norm_eps'"),
         ({"vocab_size": 90}, r"vocab_size=90 padded to a multiple of 8 is 96, but the embedding has 104 rows"),
     ],

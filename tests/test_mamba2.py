@@ -121,6 +121,31 @@ def test_presets_match_the_published_configs_and_counts(name):
     assert one - per_layer == 50288 * e + e  # embedding + norm_f
 
 
+def test_mamba2_780m_shapes_match_the_published_tensors():
+    """The tensor shapes of state-spaces/mamba2-780m: in_proj (6448, 1536), conv1d (3328, 1, 4)."""
+    cfg = mj.MambaConfig.mamba2_780m().replace(n_layer=1)
+    mixer = nnx.eval_shape(lambda: mj.MambaLM(cfg, rngs=nnx.Rngs(0))).layers[0].mixer
+    assert mixer.in_proj.kernel.shape == (1536, 6448) and mixer.conv1d.kernel.shape == (4, 3328)
+    assert mixer.A_log.shape == mixer.dt_bias.shape == mixer.D.shape == (48,)
+
+
+def test_mamba2attn_preset_matches_the_published_config():
+    """state-spaces/mamba2attn-2.7b config.json: the mamba2_2_7b geometry plus attn_layer_idx
+    [9, 18, 27, 36, 45, 56] and attn_cfg {causal, d_conv 4, head_dim 128, num_heads 30,
+    out_proj_bias false, qkv_proj_bias false, rotary_emb_dim 64}."""
+    cfg = mj.MambaConfig.mamba2attn_2_7b()
+    assert cfg.replace(attn_layer_idx=(), attn_d_conv=0) == mj.MambaConfig.mamba2_2_7b().replace(
+        attn_num_heads=30, attn_head_dim=128, attn_rotary_dim=64
+    )
+    assert cfg.attn_layer_idx == (9, 18, 27, 36, 45, 56) and cfg.attn_d_conv == 4
+    small = cfg.replace(n_layer=10, attn_layer_idx=(9,))
+    attn = nnx.eval_shape(lambda: mj.MambaLM(small, rngs=nnx.Rngs(0))).layers[9].mixer
+    qkv = 128 * (30 + 2 * 30)  # MHA: head_dim * (num_heads + 2 * num_heads_kv), num_heads_kv = num_heads
+    assert attn.in_proj.kernel.shape == (2560, qkv) and attn.in_proj.bias is None
+    assert attn.conv1d.kernel.shape == (4, qkv) and attn.conv1d.bias.shape == (qkv,)
+    assert attn.out_proj.kernel.shape == (30 * 128, 2560) and attn.out_proj.bias is None
+
+
 # --------------------------------------------------------------------------- initialisation
 
 
@@ -394,13 +419,14 @@ def _write_mamba_ssm_hybrid(model, path, attn_cfg, ssm_cfg):
     return path
 
 
-@pytest.mark.parametrize("layer", ["mamba1", "mamba2"])
-def test_mamba_ssm_hybrid_directory(layer, tmp_path):
-    """attn_layer_idx + attn_cfg (the reference MHA arguments) + d_intermediate (a multiple of 128)."""
+@pytest.mark.parametrize("layer, d_conv", [("mamba1", 0), ("mamba2", 0), ("mamba2", 4)])
+def test_mamba_ssm_hybrid_directory(layer, d_conv, tmp_path):
+    """attn_layer_idx + attn_cfg (the reference MHA arguments; d_conv 4 as mamba2attn-2.7b)
+    + d_intermediate (a multiple of 128)."""
     attn_cfg = {"causal": True, "num_heads": 4, "num_heads_kv": 2, "head_dim": 8, "rotary_emb_dim": 4,
-                "qkv_proj_bias": True, "out_proj_bias": False}
+                "qkv_proj_bias": True, "out_proj_bias": False, "d_conv": d_conv}
     kw = dict(attn_layer_idx=(1,), attn_num_heads=4, attn_num_heads_kv=2, attn_head_dim=8, attn_rotary_dim=4,
-              attn_qkv_bias=True, attn_out_bias=False, d_intermediate=128, n_layer=3)
+              attn_qkv_bias=True, attn_out_bias=False, attn_d_conv=d_conv, d_intermediate=128, n_layer=3)
     if layer == "mamba2":
         cfg, ssm_cfg = _tiny(**kw), {"layer": "Mamba2", "d_state": 8, "headdim": 16, "ngroups": 2, "chunk_size": 8}
     else:
@@ -414,10 +440,10 @@ def test_mamba_ssm_hybrid_directory(layer, tmp_path):
     assert loaded.config == cfg
     ids = _ids(96, l=11)
     np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
-    config["attn_cfg"]["d_conv"] = 4  # as mamba2attn-2.7b
-    (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"attn_cfg.d_conv=4 is not supported"):
-        mj.from_pretrained(path)
+    if d_conv:  # the attention convolution's weights are mixer.conv1d.{weight,bias} of the layer
+        from mamba_jax.interop import safetensors_io
+
+        assert "backbone.layers.1.mixer.conv1d.bias" in safetensors_io.load_file(path / "model.safetensors")
     config["attn_cfg"] = {"num_heads": 4, "causal": True, "window": 3}
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"unknown attn_cfg key 'window'"):

@@ -16,6 +16,8 @@ CONFIGS = {
                               d_intermediate=32),
     "mamba2_hybrid": dict(d_model=16, n_layer=2, vocab_size=32, layer="mamba2", d_state=8, headdim=8, chunk_size=8,
                           attn_layer_idx=(1,), attn_num_heads=2),
+    "mamba2attn": dict(d_model=16, n_layer=2, vocab_size=32, layer="mamba2", d_state=8, headdim=8, chunk_size=8,
+                       attn_layer_idx=(1,), attn_num_heads=2, attn_d_conv=4),
 }
 LENGTHS = [[1, 6, 2, 11], [20]]  # one-token documents, one crossing the Mamba-2 chunk
 

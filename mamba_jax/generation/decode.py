@@ -138,11 +138,14 @@ def _decode(graphdef, state, cache, last_tokens, seen, n_steps, key, knobs, eos_
             return model(tokens[:, None], cache=cache)
         # The padding fed after a row's eos must not reach the cache that is returned. The
         # mask keeps it out of attention (an invalid slot, no position); a masked step would
-        # still shift a zero into a Mamba layer's convolution state, so those rows keep theirs.
+        # still shift a zero into a convolution state (Mamba's, or attention's with
+        # attn_d_conv), so those rows keep theirs.
         logits, new = model(tokens[:, None], cache=cache, mask=real[:, None])
+        keep = lambda a, o: jnp.where(real.reshape((-1,) + (1,) * (a.ndim - 1)), a, o)
         layers = tuple(
-            n if isinstance(n, AttentionLayerCache)
-            else jax.tree.map(lambda a, o: jnp.where(real.reshape((-1,) + (1,) * (a.ndim - 1)), a, o), n, o)
+            (n if n.conv_state is None else n.replace(conv_state=keep(n.conv_state, o.conv_state)))
+            if isinstance(n, AttentionLayerCache)
+            else jax.tree.map(keep, n, o)
             for n, o in zip(new.layers, cache.layers)
         )
         return logits, new.replace(layers=layers)

@@ -297,9 +297,9 @@ def _mamba2_ssm_cfg_fields(ssm: Mapping) -> dict:
 _ATTN_CFG = {
     "num_heads": "attn_num_heads", "num_heads_kv": "attn_num_heads_kv", "head_dim": "attn_head_dim",
     "rotary_emb_dim": "attn_rotary_dim", "rotary_emb_base": "attn_rope_base",
-    "qkv_proj_bias": "attn_qkv_bias", "out_proj_bias": "attn_out_bias",
+    "qkv_proj_bias": "attn_qkv_bias", "out_proj_bias": "attn_out_bias", "d_conv": "attn_d_conv",
 }
-_ATTN_CFG_FIXED = {"causal", "d_conv", "mlp_dim", "softmax_scale", "rotary_emb_interleaved"}
+_ATTN_CFG_FIXED = {"causal", "mlp_dim", "softmax_scale", "rotary_emb_interleaved"}
 
 
 def _mamba_ssm_hybrid_fields(raw: Mapping) -> dict:
@@ -324,8 +324,6 @@ def _mamba_ssm_hybrid_fields(raw: Mapping) -> dict:
         if key not in _ATTN_CFG and key not in _ATTN_CFG_FIXED:
             raise ValueError(f"{where}: unknown attn_cfg key {key!r} (known: {sorted(set(_ATTN_CFG) | _ATTN_CFG_FIXED)})")
     _check(attn.get("causal", False) is True, "attn_cfg.causal", attn.get("causal"), "a language model's attention must be causal")
-    _check(attn.get("d_conv", 0) == 0, "attn_cfg.d_conv", attn.get("d_conv"),
-           "the short convolution inside attention layers (mamba2attn) is not implemented")
     _check(attn.get("mlp_dim", 0) == 0, "attn_cfg.mlp_dim", attn.get("mlp_dim"),
            "the MLP fused into attention layers is not implemented")
     _check(attn.get("softmax_scale") is None, "attn_cfg.softmax_scale", attn.get("softmax_scale"),
@@ -341,6 +339,7 @@ def _mamba_ssm_hybrid_fields(raw: Mapping) -> dict:
     fields["attn_rope_base"] = _as_float(attn, "rotary_emb_base", 10000.0, where)
     fields["attn_qkv_bias"] = _as_bool(attn, "qkv_proj_bias", True, where)
     fields["attn_out_bias"] = _as_bool(attn, "out_proj_bias", True, where)
+    fields["attn_d_conv"] = _as_int(attn, "d_conv", where) if "d_conv" in attn else 0
     return fields
 
 

@@ -17,8 +17,8 @@ Two layouts are read, told apart by ``config.json``:
   transformers); ``num_heads * head_dim`` must equal ``expand * hidden_size``.
 * **mamba_ssm** (``MambaLMHeadModel.save_pretrained``, e.g. ``state-spaces/mamba-130m``,
   or ``state-spaces/mamba2-130m`` with ``ssm_cfg.layer == "Mamba2"``; hybrids with
-  ``attn_layer_idx`` / ``attn_cfg`` (the reference ``MHA`` arguments; ``d_conv``,
-  ``mlp_dim`` and ``softmax_scale`` must keep their defaults) and ``d_intermediate``,
+  ``attn_layer_idx`` / ``attn_cfg`` (the reference ``MHA`` arguments, ``d_conv`` included, as in
+  ``mamba2attn-2.7b``; ``mlp_dim`` and ``softmax_scale`` must keep their defaults) and ``d_intermediate``,
   rounded up to a multiple of 128 as the reference ``GatedMLP`` does):
   ``config.json`` without ``model_type`` and with ``d_model``, ``n_layer``,
   ``vocab_size``, ``ssm_cfg``, ``rms_norm``, ``residual_in_fp32``,

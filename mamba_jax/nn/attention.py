@@ -12,7 +12,11 @@ The layer of the reference ``mamba_ssm/modules/mha.py`` (``MHA`` with
 * grouped-query attention: query head ``i`` uses KV head ``i // (h / h_kv)``
   (the reference's ``repeat_interleave``);
 * scores ``q . k / sqrt(p)`` and the softmax in float32; the causal mask;
-* ``out_proj`` (h p -> e).
+* ``out_proj`` (h p -> e);
+* with ``attn_d_conv`` = k > 0 (``mamba2attn``), a causal depthwise
+  convolution ``conv1d`` (k taps, bias, no activation) over the fused q/k/v
+  projection before RoPE, as the reference ``MHA(d_conv=k)``; padded tokens
+  feed it zeros, and a document's tokens see only their own document's.
 
 The score matrix (b, h, l, l) is materialised (no flash kernel): attention
 memory grows with the square of the sequence length, on purpose (it is the
@@ -41,6 +45,7 @@ from jax import lax
 
 from mamba_jax.cache import AttentionLayerCache
 from mamba_jax.config import MambaConfig
+from mamba_jax.nn.conv import CausalConv1d
 from mamba_jax.nn.init import partitioned, torch_linear_init
 from mamba_jax.typing import Array, DType, Float, Int
 
@@ -130,6 +135,9 @@ class CausalSelfAttention(nnx.Module):
             bias_init=partitioned(nnx.initializers.zeros, ("heads",)),
             **common,
         )
+        self.conv1d = (
+            CausalConv1d((h + 2 * g) * p, config.attn_d_conv, use_bias=True, **common) if config.attn_d_conv else None
+        )
         out_scale = (config.n_residuals_per_layer * config.n_layer) ** -0.5
         self.out_proj = nnx.Linear(
             h * p,
@@ -157,10 +165,18 @@ class CausalSelfAttention(nnx.Module):
         b, l, _ = hidden.shape
         h, g, p = self.num_heads, self.num_heads_kv, self.head_dim
         qkv = self.in_proj(hidden)
+        real = jnp.ones((b, l), jnp.bool_) if mask is None else mask
+        conv_state = None
+        if self.conv1d is not None:
+            if mask is not None:  # padding feeds zeros to the convolution
+                qkv = jnp.where(mask[..., None], qkv, jnp.zeros_like(qkv))
+            if cache is None:
+                qkv = self.conv1d(qkv, seq_idx=seq_idx)
+            else:
+                qkv, conv_state = self.conv1d(qkv, cache.conv_state, seq_idx)
         q = qkv[..., : h * p].reshape(b, l, h, p)
         k = qkv[..., h * p : (h + g) * p].reshape(b, l, g, p)
         v = qkv[..., (h + g) * p :].reshape(b, l, g, p)
-        real = jnp.ones((b, l), jnp.bool_) if mask is None else mask
         seen = jnp.zeros((b,), _I32) if cache is None else cache.lengths
         positions = seen[:, None] + jnp.cumsum(real, axis=1, dtype=_I32) - 1
         q = apply_rotary(q, positions, rotary_dim=self.rotary_dim, base=self.rope_base)
@@ -200,5 +216,6 @@ class CausalSelfAttention(nnx.Module):
             valid=key_valid,
             lengths=cache.lengths + jnp.sum(real, axis=1, dtype=_I32),
             index=cache.index + l,
+            conv_state=conv_state,
         )
         return out, new_cache
