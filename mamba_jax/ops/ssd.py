@@ -23,8 +23,11 @@ Implementations (``impl=``):
   states, and their contribution to the outputs. A ``custom_vjp`` saves only
   the chunk-boundary states and recomputes inside each chunk in the backward
   pass: training memory O(b (l/T) h p n) plus O(b l T h) for the masks.
-* ``"pallas"``     reserved for the Pallas kernels; none is verified yet, so an
-  explicit ``impl="pallas"`` raises a ``ValueError`` saying so.
+* ``"pallas"``     the Pallas kernels of ``pallas_kernels.ssd`` (forward and
+  backward; the chunk's matmuls on the matrix units, the state on chip): the
+  Mosaic kernel on TPU, the GPU kernel on ``cuda``/``rocm``, and on CPU the TPU
+  kernel in interpret mode (slow; for tests). A shape a kernel cannot take
+  raises a ``ValueError`` before lowering.
 * ``"auto"``       :func:`resolve_ssd_impl`, applied once per platform.
 
 :func:`ssd_step` is the one-token decode update, the recurrence written out in
@@ -45,6 +48,9 @@ from mamba_jax.typing import Array, Float, Int
 from pallas_kernels.selective_scan.reference import check_float, check_shape
 
 SSD_IMPLS = ("reference", "chunked", "pallas")
+# Shapes at which impl="auto" may pick a Pallas kernel (see resolve_ssd_impl):
+# compiled for every TPU target in both passes and checked in interpret mode.
+VERIFIED_SSD = {"tpu": {"state_sizes": (64, 128), "headdims": (64,), "chunk_sizes": (256,)}}
 DEFAULT_DT_LIMIT = (0.0, float("inf"))
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST  # float32 contractions stay float32 on TPU/GPU too
@@ -108,27 +114,49 @@ def ssd(
         raise ValueError(f"{impl=} is not one of {('auto',) + SSD_IMPLS}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{chunk_size=} must be a positive int")
-    if impl == "pallas":
-        raise ValueError(
-            "impl='pallas': no Pallas SSD kernel exists yet (none is written or verified); "
-            "use impl='chunked' or impl='auto'"
-        )
     b, l, h, p = x.shape
     n = B.shape[-1]
     arrays = (x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx)
     static = dict(chunk_size=chunk_size, dt_softplus=bool(dt_softplus), dt_limit=(lo, hi))
-    if impl == "auto":
-        chosen = {pf: resolve_ssd_impl(pf, state_size=n, seq_len=l) for pf in _PLATFORMS}
-        if len(set(chosen.values())) == 1:  # one implementation everywhere: no platform switch
+    if impl in ("auto", "pallas"):
+        if impl == "auto":
+            pick = lambda pf: resolve_ssd_impl(pf, state_size=n, seq_len=l, headdim=p, chunk_size=chunk_size)
+        else:
+            pick = lambda pf: "pallas"
+        chosen = {pf: pick(pf) for pf in _PLATFORMS}
+        if len(set(chosen.values())) == 1 and chosen["cpu"] != "pallas":  # one XLA impl everywhere
             y, final_state = _xla_ssd(chosen["cpu"], *arrays, **static)
         else:
-            branch = lambda pf: lambda *a: _xla_ssd(chosen[pf], *a, **static)
+            branch = lambda pf: _impl_fn(chosen[pf], pf, static)
             y, final_state = lax.platform_dependent(
                 *arrays, default=branch("cpu"), **{pf: branch(pf) for pf in _PLATFORMS if pf != "cpu"}
             )
     else:
         y, final_state = _xla_ssd(impl, *arrays, **static)
     return (y, final_state) if return_final_state else y
+
+
+def _impl_fn(impl, platform, static):
+    """``impl`` on ``platform`` as ``fn(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx)``.
+
+    ``"pallas"`` runs the platform's kernel, the platform passed down; on CPU
+    the TPU kernel in interpret mode. Called while tracing, so a shape the
+    kernel cannot take raises here, before lowering.
+    """
+    if impl != "pallas":
+        return lambda *a: _xla_ssd(impl, *a, **static)
+    from pallas_kernels.ssd import ssd_pallas
+
+    kernel = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "tpu")
+    interpret = platform not in ("tpu", "cuda", "rocm")
+
+    def run(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx):
+        return ssd_pallas(
+            x, dt, A, B, C, D, z, dt_bias, static["dt_softplus"], static["dt_limit"], initial_state, seq_idx,
+            platform=kernel, chunk_size=static["chunk_size"], interpret=interpret,
+        )
+
+    return run
 
 
 def ssd_step(
@@ -156,21 +184,49 @@ def ssd_step(
     return _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=bool(dt_softplus), dt_limit=(lo, hi))
 
 
-def resolve_ssd_impl(backend: str, state_size: int | None = None, seq_len: int | None = None) -> str:
+def resolve_ssd_impl(
+    backend: str,
+    state_size: int | None = None,
+    seq_len: int | None = None,
+    *,
+    headdim: int | None = None,
+    chunk_size: int | None = None,
+) -> str:
     """The ``impl="auto"`` policy of :func:`ssd`, in one place.
 
-    Today: ``"chunked"`` on every platform (``"cpu"``, ``"tpu"``, ``"cuda"``/``"gpu"``,
-    ``"rocm"``) and at every state size and length. No Pallas SSD kernel is
-    verified yet (none exists), so auto never picks one; when one is compiled
-    for a platform and checked against the reference, it is added here for the
-    shapes it was verified at. ``ssd(impl="auto")`` applies this once for each
-    platform; an explicit ``impl=`` is never replaced. A one-token decode step
-    is :func:`ssd_step`, not a scan.
+    =================  ===========================================================
+    backend            auto picks
+    =================  ===========================================================
+    ``"tpu"``          ``"pallas"`` (the Mosaic kernel) when the state size is in
+                       ``VERIFIED_SSD["tpu"]["state_sizes"]``, the head dim (if
+                       given) in ``["headdims"]``, the chunk size (if given) in
+                       ``["chunk_sizes"]`` and ``seq_len`` is not 1;
+                       ``"chunked"`` otherwise
+    ``"cpu"``          ``"chunked"``
+    ``"cuda"``/``"gpu"``, ``"rocm"``  ``"chunked"``: no GPU kernel has been run
+                       on a GPU here, so auto never picks one
+    =================  ===========================================================
+
+    The verified TPU shapes are those compiled with libtpu for v4, v5e, v5p and
+    v6e, forward and gradient, by ``experiments/tpu_compile_ssd.py`` (checked by
+    ``tests/test_tpu_compile.py``), and whose kernel matches the float64 oracle
+    in interpret mode (``tests/test_pallas_ssd.py``). A one-token step
+    (``seq_len == 1``) is :func:`ssd_step`'s business, never the kernel's.
+    ``ssd(impl="auto")`` applies this once for each platform; an explicit
+    ``impl=`` is never replaced.
     """
-    del state_size, seq_len  # part of the policy's signature: kernels will be chosen by them
     if backend not in _PLATFORMS + ("gpu",):
         raise ValueError(f"{backend=} is not one of {_PLATFORMS + ('gpu',)}")
-    return "chunked"
+    verified = VERIFIED_SSD.get(backend)
+    if verified is None or seq_len == 1:
+        return "chunked"
+    if state_size not in verified["state_sizes"]:
+        return "chunked"
+    if headdim is not None and headdim not in verified["headdims"]:
+        return "chunked"
+    if chunk_size is not None and chunk_size not in verified["chunk_sizes"]:
+        return "chunked"
+    return "pallas"
 
 
 # --------------------------------------------------------------------------
