@@ -105,8 +105,8 @@ def _check(cfg, x, dt, A, B, C, D, z, dt_bias, h0, doc):
 
 
 def _prep(cfg: SsdKernelConfig, dt, A, dt_bias):
-    """(dtp, cum), both (b, h, L) float32: the processed dt (0 on padded steps) and
-    the within-chunk inclusive cumulative sum of dtp A."""
+    """(dtp, dA, cum), each (b, h, L) float32: the processed dt (0 on padded steps),
+    dtp A, and its within-chunk inclusive cumulative sum."""
     b, L, h = dt.shape
     d = dt.astype(_F32)
     if dt_bias is not None:
@@ -118,8 +118,8 @@ def _prep(cfg: SsdKernelConfig, dt, A, dt_bias):
     if cfg.length < L:
         d = jnp.where(jnp.arange(L)[None, :, None] < cfg.length, d, 0.0)
     dtp = d.transpose(0, 2, 1)
-    dA = (dtp * A.astype(_F32)[None, :, None]).reshape(b, h, L // cfg.chunk, cfg.chunk)
-    return dtp, jnp.cumsum(dA, axis=-1).reshape(b, h, L)
+    dA = dtp * A.astype(_F32)[None, :, None]
+    return dtp, dA, jnp.cumsum(dA.reshape(b, h, L // cfg.chunk, cfg.chunk), axis=-1).reshape(b, h, L)
 
 
 def _weights(cfg: SsdKernelConfig, cum, doc):
@@ -160,7 +160,7 @@ def _ssd(cfg, tiles, x, dt, A, B, C, D, z, dt_bias, h0, doc):
 def _ssd_fwd(cfg: SsdKernelConfig, tiles: GpuSsdTiles, x, dt, A, B, C, D, z, dt_bias, h0, doc):
     b, L, h, P = x.shape
     N, nc, it = tiles.N, L // cfg.chunk, cfg.interpret
-    dtp, cum = _prep(cfg, dt, A, dt_bias)
+    dtp, _, cum = _prep(cfg, dt, A, dt_bias)
     win, vout, decay = _weights(cfg, cum, doc)
     S = chunk_outer(tiles, x, vout * dtp, B, None, interpret=it)
     h_flat = None if h0 is None else h0.reshape(b, h, P * N)
@@ -176,7 +176,7 @@ def _ssd_bwd(cfg: SsdKernelConfig, tiles: GpuSsdTiles, res, cotangents):
     b, L, h, P = x.shape
     g, N = B.shape[2:]
     T, nc, it = cfg.chunk, L // cfg.chunk, cfg.interpret
-    (dtp, cum), prep_vjp = jax.vjp(functools.partial(_prep, cfg), dt, A, dt_bias)
+    (dtp, _, cum), prep_vjp = jax.vjp(functools.partial(_prep, cfg), dt, A, dt_bias)
     win, vout, decay = _weights(cfg, cum, doc)
     dy = dy.astype(x.dtype)
 
@@ -186,15 +186,16 @@ def _ssd_bwd(cfg: SsdKernelConfig, tiles: GpuSsdTiles, res, cotangents):
     dS, dh0, ddecay = pass_backward(tiles, flat(G), decay, flat(hin), dhT.astype(_F32).reshape(b, h, P * N), interpret=it)
     dS = dS.reshape(b, nc, h, P, N)
 
-    dC_h, dcum_rows, dz = chunk_rows(tiles, x, dtp, cum, win, B, C, hin, doc, D, z, dy, interpret=it)
+    dC_h, dcum_rows, ddA, dz = chunk_rows(tiles, x, dtp, cum, win, B, C, hin, doc, D, z, dy, interpret=it)
     dx, dB_h, ddtp, q, dD_p = chunk_cols(tiles, x, dtp, cum, vout, B, C, dS, doc, D, z, dy, interpret=it)
 
-    # d cum: rows, columns (exp(-cum_s) in both masks), and the chunk's end
-    # (exp(cum_end) in vout and in the chunk decay).
-    dcum = (dcum_rows - dtp * ddtp).reshape(b, h, nc, T)
+    # The in-chunk products' decays came as d(dt A) directly (ddA); d cum
+    # collects exp(cum_t) in win, exp(cum_end - cum_s) in vout and exp(cum_end)
+    # in the chunk decay.
+    dcum = (dcum_rows - dtp * q).reshape(b, h, nc, T)
     end = (dtp * q).reshape(b, h, nc, T).sum(-1) + ddecay.sum(2)[..., :nc] * decay[..., :nc]
     dcum = dcum.at[..., -1].add(end).reshape(b, h, L)
-    ddt, dA, dbias = prep_vjp((ddtp, dcum))
+    ddt, dA, dbias = prep_vjp((ddtp, ddA, dcum))
 
     per_group = lambda v, like: v.reshape(b, L, g, h // g, N).sum(3).astype(like.dtype)
     dD = None if D is None else dD_p.sum((0, 1)).astype(D.dtype)

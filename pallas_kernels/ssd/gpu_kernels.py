@@ -280,8 +280,8 @@ def _cdt(x):
 def chunk_rows(tiles: GpuSsdTiles, x, dtp, cum, win, B, C, hin, doc, D, z, dy=None, *, interpret):
     """Forward (``dy is None``): y (b, L, h, P) in x.dtype.
 
-    Backward: (dC per head (b, L, h, N) float32, d cum from the rows (b, h, L)
-    float32, dz (b, L, h, P) or None). ``win`` (b, h, L) is the weight
+    Backward: (dC per head (b, L, h, N) float32, d cum through ``win`` (b, h, L)
+    float32, d(dt A) of the in-chunk products (b, h, L) float32, dz (b, L, h, P) or None). ``win`` (b, h, L) is the weight
     exp(cum_t) [doc_t == document of the entering state] of the C_t h_in term.
     """
     b, L, h, P = x.shape
@@ -299,9 +299,11 @@ def chunk_rows(tiles: GpuSsdTiles, x, dtp, cum, win, B, C, hin, doc, D, z, dy=No
     if not bwd:
         outs = [(sp.seq_tile, jax.ShapeDtypeStruct(x.shape, x.dtype))]
     else:
+        dd_spec = pl.BlockSpec((None, None, None, nt, bt), lambda i, c, hh, j: (i, hh, j, c, 0))
         outs = [
             (sp.head_tile, jax.ShapeDtypeStruct((b, L, h, N), _F32)),
             (sp.vec_tile, jax.ShapeDtypeStruct((b, h, L), _F32)),
+            (dd_spec, jax.ShapeDtypeStruct((b, h, nt, L // bt, bt), _F32)),
         ]
         if z is not None:
             outs.append((sp.seq_tile, jax.ShapeDtypeStruct(z.shape, z.dtype)))
@@ -317,7 +319,8 @@ def chunk_rows(tiles: GpuSsdTiles, x, dtp, cum, win, B, C, hin, doc, D, z, dy=No
     )(*args)
     if not bwd:
         return res[0]
-    return res[0], res[1], (res[2] if z is not None else None)
+    ddA = res[2].sum(2).reshape(b, h, L)
+    return res[0], res[1], ddA, (res[3] if z is not None else None)
 
 
 def _rows_kernel(x_ref, dtp_ref, cum_ref, win_ref, B_ref, C_ref, hin_ref, *rest, tiles, has, cdt):
@@ -341,15 +344,27 @@ def _rows_kernel(x_ref, dtp_ref, cum_ref, win_ref, B_ref, C_ref, hin_ref, *rest,
         Bs, xs, dts = B_ref[cols, :], x_ref[cols, :], dtp_ref[cols]
         doc_s = doc_ref[cols] if has_doc else None
         M = _decay_tile(cum_t, cum_ref[cols], t0, s0, doc_t, doc_s, bt) * dts[None, :]
-        y_acc = carry[0] + _mm(_mm(Ct, Bs, cdt, tb=True) * M, xs, cdt)
+        CBM = _mm(Ct, Bs, cdt, tb=True) * M
+        y_acc = carry[0] + _mm(CBM, xs, cdt)
         if not bwd:
             return (y_acc,)
-        R = _mm(gy, xs, cdt, tb=True) * M  # (gy_t . x_s) exp(cum_t - cum_s) dt_s
-        return y_acc, carry[1] + _mm(R, Bs, cdt)
+        _, dC, run, dd = carry
+        gyx = _mm(gy, xs, cdt, tb=True)  # gy_t . x_s
+        dC = dC + _mm(gyx * M, Bs, cdt)
+        # d(dA_k) += sum over t >= k > s of Q[t, s]: an exclusive running sum along s,
+        # summed over the rows t >= k (no difference of large terms: stable in bf16).
+        Q = gyx * CBM
+        excl = run[:, None] + jnp.cumsum(Q, axis=1) - Q
+        t = t0 + lax.broadcasted_iota(jnp.int32, (bt, bt), 0)
+        kk = s0 + lax.broadcasted_iota(jnp.int32, (bt, bt), 1)
+        part = jnp.sum(jnp.where(kk <= t, excl, 0.0), axis=0)
+        dd = dd + jnp.where(lax.broadcasted_iota(jnp.int32, dd.shape, 0) == k, part[None, :], 0.0)
+        return y_acc, dC, run + jnp.sum(Q, axis=1), dd
 
     init = (jnp.zeros(y_in.shape, _F32),)
     if bwd:
-        init += (_mm(gy * win_ref[rows][:, None], hin, cdt),)  # dC_t from the C_t h_in term
+        dC_in = _mm(gy * win_ref[rows][:, None], hin, cdt)  # dC_t from the C_t h_in term
+        init += (dC_in, jnp.zeros((bt,), _F32), jnp.zeros((tiles.chunk // bt, bt), _F32))
     carry = lax.fori_loop(0, j + 1, body, init)  # column tiles s <= t only
     y = carry[0] + y_in
     if has_D:
@@ -360,14 +375,15 @@ def _rows_kernel(x_ref, dtp_ref, cum_ref, win_ref, B_ref, C_ref, hin_ref, *rest,
             y = y * zz * _sigmoid(zz)
         rest[0][...] = y.astype(rest[0].dtype)
         return
-    dC_ref, dcum_ref = rest[0], rest[1]
+    dC_ref, dcum_ref, ddA_ref = rest[:3]
     dC_ref[...] = carry[1]
-    dcum_ref[...] = jnp.sum(gy * (carry[0] + y_in), axis=1)
+    dcum_ref[...] = jnp.sum(gy * y_in, axis=1)  # exp(cum_t) in the C_t h_in term
+    ddA_ref[...] = carry[3]
     if has_z:
         zz = z_ref[rows, :].astype(_F32)
         sig = _sigmoid(zz)
         dz = dy_ref[rows, :].astype(_F32) * y * sig * (1.0 + zz * (1.0 - sig))
-        rest[2][...] = dz.astype(rest[2].dtype)
+        rest[3][...] = dz.astype(rest[3].dtype)
 
 
 # --------------------------------------------------------------------------
