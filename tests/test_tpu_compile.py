@@ -1,9 +1,12 @@
-"""The selective scan compiled (not only lowered) for real TPU topologies.
+"""The selective scan and the SSD compiled (not only lowered) for real TPU topologies.
 
 Each topology compiles the grid of ``experiments/tpu_compile.py`` (forward and
 gradient of ``selective_scan(impl="auto")`` at the presets' widths, n = 16, 64,
 128, bf16 and f32, groups, unaligned lengths) in its own process, so libtpu
 never loads into the test process and two topologies can compile at once.
+The SSD (``experiments/tpu_compile_ssd.py``) compiles its CI subset (n = 64
+and 128, 1 and 8 groups, l = 4096, 2000 with packed documents and a dt clamp,
+and 100, one chunk; bf16) per topology the same way.
 Needs libtpu (the ``tpu`` extra, which ``make test`` installs): without it the
 tests skip with the reason, except under CI, where its absence is a failure.
 """
@@ -22,6 +25,7 @@ import mamba_jax as mj
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import tpu_compile  # noqa: E402
+import tpu_compile_ssd  # noqa: E402
 
 
 def _require_libtpu():
@@ -64,3 +68,46 @@ def test_grid_covers_what_auto_picks():
     for n in range(1, 200):
         expected = "pallas" if n in verified else "chunked"
         assert mj.ops.resolve_impl("tpu", n, 2048) == expected
+
+
+# --------------------------------------------------------------------------- SSD (Mamba-2)
+
+@pytest.mark.parametrize("topology", tpu_compile_ssd.TOPOLOGIES)
+def test_ssd_compiles_for_topology(topology, tmp_path):
+    """ssd(impl="auto"), forward and gradient, compiles at the CI subset of
+    experiments/tpu_compile_ssd.py and embeds the Mosaic SSD kernels."""
+    _require_libtpu()
+    out = tmp_path / "compile_ssd.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "tpu_compile_ssd.py"), "--topology", topology, "--ci",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    ci = [c for c in tpu_compile_ssd.CASES if c[0] in tpu_compile_ssd.CI_CASES]
+    assert len(rows) == sum(len(c[7]) for c in ci)
+    failed = [(r["case"], r["pass_"], r.get("error")) for r in rows if not r["ok"]]
+    assert not failed, failed
+    for r in rows:  # auto chose and embedded the kernel: once in the forward, twice with the backward
+        assert r["auto"] == "pallas", r
+        assert r["kernel_calls"] == (1 if r["pass_"] == "fwd" else 2), r
+        assert r["ssd_kernels"] == (["ssd_fwd_tpu"] if r["pass_"] == "fwd" else ["ssd_fwd_tpu", "ssd_bwd_tpu"]), r
+        assert r["vmem_estimate_bytes"] <= r["vmem_limit_bytes"], r
+
+
+def test_ssd_grid_covers_what_auto_picks():
+    """impl="auto" picks the SSD kernel on TPU only at shapes the grid compiles in
+    both passes (and the CI subset compiles every verified state size in both)."""
+    from mamba_jax.ops.ssd import VERIFIED_SSD
+
+    verified = VERIFIED_SSD["tpu"]
+    for cases in (tpu_compile_ssd.CASES, [c for c in tpu_compile_ssd.CASES if c[0] in tpu_compile_ssd.CI_CASES]):
+        for pass_ in ("fwd", "grad"):
+            sizes = {c[4] for c in cases if pass_ in c[7]}
+            assert set(verified["state_sizes"]) <= sizes, (pass_, sizes)
+    assert set(verified["headdims"]) == {tpu_compile_ssd.P}
+    assert set(verified["chunk_sizes"]) == {tpu_compile_ssd.CHUNK}
+    for n in range(1, 200):
+        expected = "pallas" if n in verified["state_sizes"] else "chunked"
+        assert mj.ops.resolve_ssd_impl("tpu", n, 2048, headdim=64, chunk_size=256) == expected
