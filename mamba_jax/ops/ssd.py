@@ -89,7 +89,9 @@ def ssd(
         ``hh`` uses group ``hh // (h // g)``.
       chunk_size: at most this many steps per chunk (``impl="chunked"``); the
         length is split into ``ceil(l / chunk_size)`` equal chunks and padded
-        at the end with identity steps (dt = 0).
+        at the end with identity steps (dt = 0). ``impl="pallas"``: exactly
+        this many steps per chunk (on TPU a multiple of 128 when ``l`` is
+        longer than one chunk), time padded to a multiple of it.
       D: optional skip connection, per head (h,) or per channel (h, p).
       z: optional gate, (b, l, h, p); the output is multiplied by ``silu(z)``.
       dt_bias: optional bias added to ``dt`` before the softplus, (h,).
