@@ -82,7 +82,7 @@ def _value_and_grads(fn, wy, wh, diff):
     return y, hT, grads
 
 
-def _check(kernel_fn, args, softplus, dtype, seed=7):
+def _check(kernel_fn, args, softplus, dtype, seed=7, reference=_reference):
     arrays = _split(args)
     present = [i for i, x in enumerate(arrays) if x is not None]
 
@@ -100,7 +100,7 @@ def _check(kernel_fn, args, softplus, dtype, seed=7):
     k1, k2 = jax.random.split(jax.random.key(seed))
     wy = jax.random.normal(k1, (b, l, d), jnp.float32)
     wh = jax.random.normal(k2, (b, d, arrays[2].shape[1]), jnp.float32)
-    y_ref, h_ref, g_ref = _value_and_grads(with_present(lambda a: _reference(a, softplus)), wy, wh, diff)
+    y_ref, h_ref, g_ref = _value_and_grads(with_present(lambda a: reference(a, softplus)), wy, wh, diff)
     y, h, g = _value_and_grads(with_present(kernel_fn), wy, wh, diff)
     tol = KERNEL_TOL[dtype]
     assert y.dtype == arrays[0].dtype and h.dtype == jnp.float32
@@ -130,6 +130,35 @@ def test_kernel_matches_reference(case):
         )
 
     _check(kernel_fn, args, softplus, dtype)
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+def test_kernel_packed_documents_match_reference(kernel):
+    """``continuation`` (packed documents): boundaries inside a time block, on a block's
+    first step (t = 8, 16), one-token documents, the initial state of the first
+    document; outputs, final state and every gradient against the reference with seq_idx."""
+    lengths = [[1, 7, 8, 1, 5, 7], [16, 13]]
+    seq_idx = jnp.asarray(np.stack([np.repeat(np.arange(len(r)), r) for r in lengths]), jnp.int32)
+    keep = np.ones(seq_idx.shape, np.float32)
+    keep[:, 1:] = np.asarray(seq_idx[:, 1:] == seq_idx[:, :-1], np.float32)
+    args = make_scan_inputs(41, 2, 29, 12, 4, 2, dtype=jnp.float32)
+    bs = SelectiveScanBlockSizes(block_l=8)
+
+    def kernel_fn(a):
+        u, delta, A, B, C, D, z, bias, h0 = a
+        return selective_scan_pallas(
+            u, delta, A, B, C, D, z, bias, True, h0, continuation=jnp.asarray(keep), block_sizes=bs,
+            platform=kernel, interpret=not (kernel == "gpu" and ON_GPU),
+        )
+
+    def reference(a, softplus):
+        u, delta, A, B, C, D, z, bias, h0 = a
+        return mj.ops.selective_scan(
+            u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=softplus, initial_state=h0,
+            seq_idx=seq_idx, return_final_state=True, impl="reference",
+        )
+
+    _check(kernel_fn, args, True, "float32", reference=reference)
 
 
 def test_public_impl_pallas_on_cpu():
@@ -198,16 +227,18 @@ def _export(fn, platform, *shapes):
     return lowering.export_for(platform, fn, *shapes)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["", "packed"])
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_lowers_for_hardware(platform):
+def test_lowers_for_hardware(platform, packed):
     """impl="pallas" exports for TPU / CUDA from a CPU-only machine, forward and
-    backward, and the exported module holds the kernel's custom call."""
+    backward (with packed documents too), and the exported module holds the kernel's custom call."""
     b, l, d, n, g = 2, 100, 256, 16, 2
     args = make_scan_inputs(0, b, l, d, n, g, dtype=jnp.bfloat16)
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in args.items()}
+    seq_idx = jnp.asarray(np.arange(l) // 30, jnp.int32)[None].repeat(b, 0) if packed else None
 
     def f(a):
-        return mj.ops.selective_scan(**a, delta_softplus=True, return_final_state=True, impl="pallas")
+        return mj.ops.selective_scan(**a, delta_softplus=True, return_final_state=True, impl="pallas", seq_idx=seq_idx)
 
     def loss(a):
         y, h = f(a)

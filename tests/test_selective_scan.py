@@ -201,7 +201,7 @@ def test_bad_inputs_raise(override, exc, match):
         mj.ops.selective_scan(**args)
 
 
-@pytest.mark.parametrize("impl", ["reference", "sequential", "chunked", "auto"])
+@pytest.mark.parametrize("impl", ["reference", "sequential", "chunked", "auto", "pallas"])
 def test_seq_idx_packed_documents_match_each_alone(impl):
     """Packed documents (lengths 1, 5, 1, 9, 20 in one row; one-token documents at
     the start and the end of the other): each gets the float64 oracle's outputs for
@@ -239,7 +239,5 @@ def test_seq_idx_packed_documents_match_each_alone(impl):
 
     for name, a, r in zip(names, grads(impl, **kw), grads("reference")):
         assert rel_err(a, r) < GRAD_TOL["float32"], name
-    with pytest.raises(ValueError, match="impl='pallas' does not take seq_idx"):
-        mj.ops.selective_scan(**args, impl="pallas", seq_idx=seq_idx)
     with pytest.raises(ValueError, match=r"seq_idx must have shape \(b, l\)=\(2, 36\)"):
         mj.ops.selective_scan(**args, seq_idx=seq_idx[:, :3])

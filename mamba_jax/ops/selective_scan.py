@@ -112,8 +112,10 @@ def selective_scan(
       seq_idx: optional document ids (b, l), integer: where ``seq_idx[t] !=
         seq_idx[t - 1]`` the state before step t is replaced by zero, so nothing
         crosses from one packed document to the next (``initial_state`` is the
-        state before the first document). The Pallas kernels do not take it:
-        ``impl="auto"`` then runs an XLA implementation.
+        state before the first document). The Pallas kernels take it as a
+        continuation mask; ``impl="auto"`` gives it to the TPU kernel (compiled
+        with libtpu, tests/test_tpu_compile.py) but not to the GPU kernel, whose
+        packed-document path has not run on a GPU (``chunked`` there instead).
 
     Returns:
       ``y`` of shape (b, l, d) in ``u.dtype``; with ``return_final_state`` the
@@ -134,8 +136,6 @@ def selective_scan(
     if impl == "step" and l != 1:
         raise ValueError(f"impl='step' runs one time step, got u.shape={tuple(u.shape)} with l={l}")
     keep = None if seq_idx is None else _continuation_mask(seq_idx, u.shape[:2])
-    if keep is not None and impl == "pallas":
-        raise ValueError("impl='pallas' does not take seq_idx (packed documents); use impl='auto' or an XLA impl")
     args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, keep)
     if impl in ("auto", "pallas"):
         fn = functools.partial(_per_platform, impl, chunk_size)
@@ -241,7 +241,8 @@ def _per_platform(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, delta_s
         if impl == "auto":
             cap = _local_cuda_capability() if platform == "cuda" else None
             chosen = resolve_impl(platform, n, l, compute_capability=cap)
-            if keep is not None and chosen == "pallas":  # the kernels take no document boundaries
+            if keep is not None and chosen == "pallas" and platform != "tpu":
+                # Packed documents in the GPU kernel: interpret-tested and lowered, never run on a GPU.
                 chosen = "chunked"
         else:
             chosen = "pallas"
@@ -265,7 +266,7 @@ def _impl_fn(impl: str, chunk_size: int | None, platform: str) -> Callable:
 
         kernel = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "tpu")
         interpret = platform not in ("tpu", "cuda", "rocm")  # CPU: the TPU kernel, interpreted
-        return lambda *a: selective_scan_pallas(*a[:10], platform=kernel, interpret=interpret)
+        return lambda *a: selective_scan_pallas(*a[:10], continuation=a[10], platform=kernel, interpret=interpret)
     return functools.partial(_xla_selective_scan, impl, chunk_size or DEFAULT_CHUNK_SIZE)
 
 

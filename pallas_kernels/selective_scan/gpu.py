@@ -26,6 +26,9 @@ Layout (all padded by :mod:`pallas_kernels.selective_scan.ops`):
   B, C:            (b, L, g, N)
   D, delta_bias:   (Dp,)         float32
   h0:              (b, Dp, N)    float32
+  cont:            (b, L, 1)     float32, continuation mask of packed documents
+                                 (0 where a document starts: the state before
+                                 that step is multiplied by 0)
 Grid ``(b, Dp / block_d)``: one program per (sequence, channel tile) walks the
 whole sequence with the float32 state (block_d, N) in registers and writes the
 state at every chunk boundary (``block_l`` steps) for the backward pass. Steps
@@ -80,12 +83,14 @@ class GpuScanConfig:
 # --------------------------------------------------------------------------
 
 
-def selective_scan_gpu(cfg: GpuScanConfig, u, dt, A, B, C, D, z, bias, h0):
+def selective_scan_gpu(cfg: GpuScanConfig, u, dt, A, B, C, D, z, bias, h0, cont=None):
     """Runs the scan on padded inputs; returns (y, hT) or (y, hT, states).
 
     ``states`` (b, L / block_l, Dp, N) holds the state at the start of every chunk.
+    ``cont`` (b, L): the continuation mask of packed documents, or None.
     """
-    return _scan(cfg, u, dt, A, B, C, D, z, bias, h0)
+    cont = None if cont is None else cont.astype(_F32)[..., None]
+    return _scan(cfg, u, dt, A, B, C, D, z, bias, h0, cont)
 
 
 def _reduce_partials(cfg, u, A, B, C, dA_p, dB_p, dC_p):
@@ -104,21 +109,24 @@ def _reduce_partials(cfg, u, A, B, C, dA_p, dB_p, dC_p):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(cfg, u, dt, A, B, C, D, z, bias, h0):
-    return _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0)[0]
+def _scan(cfg, u, dt, A, B, C, D, z, bias, h0, cont):
+    return _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0, cont)[0]
 
 
-def _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0):
-    y, states, hT = _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0)
-    return scan_outputs(cfg.want_states, y, hT, states), (u, dt, A, B, C, D, z, bias, h0, states)
+def _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0, cont):
+    y, states, hT = _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0, cont)
+    return scan_outputs(cfg.want_states, y, hT, states), (u, dt, A, B, C, D, z, bias, h0, cont, states)
 
 
 def _scan_bwd(cfg, res, cotangents):
-    u, dt, A, B, C, D, z, bias, h0, states = res
+    u, dt, A, B, C, D, z, bias, h0, cont, states = res
     dy, dhT, dstates = split_cotangents(cfg.want_states, cotangents)
-    du, ddt, dz, dA_p, dB_p, dC_p, dD_p, dh0 = _backward_call(cfg, u, dt, A, B, C, D, z, bias, states, dy, dhT, dstates)
+    du, ddt, dz, dA_p, dB_p, dC_p, dD_p, dh0 = _backward_call(
+        cfg, u, dt, A, B, C, D, z, bias, cont, states, dy, dhT, dstates
+    )
     dA, dB, dC = _reduce_partials(cfg, u, A, B, C, dA_p, dB_p, dC_p)
-    return input_cotangents(D, bias, h0, du, ddt, dA, dB, dC, dD_p, dz, dh0)
+    dcont = None if cont is None else jnp.zeros_like(cont)  # a mask: no cotangent
+    return (*input_cotangents(D, bias, h0, du, ddt, dA, dB, dC, dD_p, dz, dh0), dcont)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -145,23 +153,24 @@ def _specs(cfg, L, N, T=None):
     chan = pl.BlockSpec((W,), lambda i, j: (j,))
     chan_n = pl.BlockSpec((W, N), lambda i, j: (j, 0))
     state = pl.BlockSpec((None, W, N), lambda i, j: (i, j, 0))
-    return seq, bc, chan, chan_n, state
+    cont = pl.BlockSpec((None, L, 1), lambda i, j: (i, 0, 0))
+    return seq, bc, chan, chan_n, state, cont
 
 
-def _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0):
+def _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0, cont):
     b, L, Dp = u.shape
     N = A.shape[1]
     W, T = cfg.block_d, cfg.block_l
     nc = L // T
-    seq, bc, chan, chan_n, state = _specs(cfg, L, N)
+    seq, bc, chan, chan_n, state, cont_spec = _specs(cfg, L, N)
     states = pl.BlockSpec((None, nc, W, N), lambda i, j: (i, 0, j, 0))
     args = [u, dt, A, B, C]
     specs = [seq, seq, chan_n, bc, bc]
-    for x, s in ((D, chan), (z, seq), (bias, chan), (h0, state)):
+    for x, s in ((D, chan), (z, seq), (bias, chan), (h0, state), (cont, cont_spec)):
         if x is not None:
             args.append(x)
             specs.append(s)
-    has = Present.of(D, z, bias, h0)
+    has = Present.of(D, z, bias, h0, cont)
     kernel = functools.partial(_forward_kernel, cfg=cfg, has=has, num_chunks=nc)
     return pl.pallas_call(
         kernel,
@@ -179,20 +188,20 @@ def _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0):
     )(*args)
 
 
-def _backward_call(cfg, u, dt, A, B, C, D, z, bias, st, dy, dhT, dst):
+def _backward_call(cfg, u, dt, A, B, C, D, z, bias, cont, st, dy, dhT, dst):
     b, L, Dp = u.shape
     N = A.shape[1]
     W, T = cfg.block_d, cfg.block_l
     nc, nd = L // T, Dp // W
-    seq, bc, chan, chan_n, state = _specs(cfg, L, N)
+    seq, bc, chan, chan_n, state, cont_spec = _specs(cfg, L, N)
     states = pl.BlockSpec((None, nc, W, N), lambda i, j: (i, 0, j, 0))
     args = [u, dt, A, B, C, st, dy, dhT]
     specs = [seq, seq, chan_n, bc, bc, states, seq, state]
-    for x, s in ((D, chan), (z, seq), (bias, chan), (dst, states)):
+    for x, s in ((D, chan), (z, seq), (bias, chan), (dst, states), (cont, cont_spec)):
         if x is not None:
             args.append(x)
             specs.append(s)
-    has = Present.of(D, z, bias, dst)
+    has = Present.of(D, z, bias, dst, cont)
     part_seq = pl.BlockSpec((None, None, L, N), lambda i, j: (i, j, 0, 0))
     part_chan = pl.BlockSpec((None, W), lambda i, j: (i, j))
     part_chan_n = pl.BlockSpec((None, W, N), lambda i, j: (i, j, 0))
@@ -271,6 +280,7 @@ def _forward_kernel(*refs, cfg, has, num_chunks):
     z_ref = rest.pop(0) if has.z else None
     bias_ref = rest.pop(0) if has.bias else None
     h0_ref = rest.pop(0) if has.state else None
+    cont_ref = rest.pop(0) if has.cont else None
     y_ref, st_ref, hT_ref = rest
     T = cfg.block_l
     G = _unroll(cfg)
@@ -279,7 +289,7 @@ def _forward_kernel(*refs, cfg, has, num_chunks):
     Dv = D_ref[...].astype(_F32) if has.D else None
     bias = bias_ref[...].astype(_F32) if has.bias else None
     h = h0_ref[...].astype(_F32) if has.state else jnp.zeros(A.shape, _F32)
-    row_refs = [u_ref, dt_ref, B_ref, C_ref] + ([z_ref] if has.z else [])
+    row_refs = [u_ref, dt_ref, B_ref, C_ref] + ([z_ref] if has.z else []) + ([cont_ref] if has.cont else [])
 
     def chunk(c, h):
         st_ref[c, :, :] = h
@@ -291,7 +301,10 @@ def _forward_kernel(*refs, cfg, has, num_chunks):
                 t = t0 + k
                 u, raw, Bt, Ct = (x.astype(_F32) for x in rows[k][:4])
                 dt, _ = _dt_of(cfg, t, raw, bias)
-                h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                decay = jnp.exp(dt[:, None] * A)
+                if has.cont:  # (1,): 0 where a packed document starts
+                    decay = decay * rows[k][-1].astype(_F32)[:, None]
+                h = decay * h + (dt * u)[:, None] * Bt[None, :]
                 y = jnp.sum(h * Ct[None, :], axis=1)
                 if has.D:
                     y = y + Dv * u
@@ -313,6 +326,7 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
     z_ref = rest.pop(0) if has.z else None
     bias_ref = rest.pop(0) if has.bias else None
     dst_ref = rest.pop(0) if has.state else None
+    cont_ref = rest.pop(0) if has.cont else None
     du_ref, ddt_ref, dA_ref, dB_ref, dC_ref, dh0_ref, hbuf_ref, *rest = rest
     dz_ref = rest.pop(0) if has.z else None
     dD_ref = rest.pop(0) if has.D else None
@@ -323,8 +337,8 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
     Dv = D_ref[...].astype(_F32) if has.D else None
     bias = bias_ref[...].astype(_F32) if has.bias else None
     W = A.shape[0]
-    fwd_refs = [u_ref, dt_ref, B_ref]
-    bwd_refs = [u_ref, dt_ref, B_ref, C_ref, dy_ref] + ([z_ref] if has.z else [])
+    fwd_refs = [u_ref, dt_ref, B_ref] + ([cont_ref] if has.cont else [])
+    bwd_refs = [u_ref, dt_ref, B_ref, C_ref, dy_ref] + ([z_ref] if has.z else []) + ([cont_ref] if has.cont else [])
 
     def chunk(r, carry):
         dh, dA_acc, dD_acc = carry
@@ -337,9 +351,12 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
             rows = [[x[c * T + s0 + k, :] for x in fwd_refs] for k in range(G)]
             for k in range(G):
                 t = c * T + s0 + k
-                u, raw, Bt = (x.astype(_F32) for x in rows[k])
+                u, raw, Bt = (x.astype(_F32) for x in rows[k][:3])
                 dt, _ = _dt_of(cfg, t, raw, bias)
-                h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                decay = jnp.exp(dt[:, None] * A)
+                if has.cont:
+                    decay = decay * rows[k][3].astype(_F32)[:, None]
+                h = decay * h + (dt * u)[:, None] * Bt[None, :]
                 hbuf_ref[s0 + k, :, :] = h
             return h
 
@@ -373,6 +390,8 @@ def _backward_kernel(*refs, cfg, has, num_chunks):
                 dC_ref[t, :] = jnp.sum(gy[:, None] * h, axis=0)
                 dh = dh + gy[:, None] * Ct[None, :]
                 decay = jnp.exp(dt[:, None] * A)
+                if has.cont:  # d(keep exp(dt A))/d dt = A (keep exp(dt A))
+                    decay = decay * rows[k][-1].astype(_F32)[:, None]
                 dh_decay = dh * h_prev * decay
                 dhB = jnp.sum(dh * Bt[None, :], axis=1)
                 ddt = jnp.sum(dh_decay * A, axis=1) + dhB * u

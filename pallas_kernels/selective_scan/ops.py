@@ -45,6 +45,7 @@ def selective_scan_pallas(
     delta_softplus=False,
     initial_state=None,
     *,
+    continuation=None,
     platform: str,
     block_sizes: SelectiveScanBlockSizes | None = None,
     interpret=False,
@@ -57,6 +58,9 @@ def selective_scan_pallas(
       D, delta_bias: optional (d,). z: optional gate (b, l, d).
       delta_softplus: apply softplus to ``delta + delta_bias`` (in the kernel).
       initial_state: optional (b, d, n).
+      continuation: optional (b, l) float mask of packed documents: 0 where a
+        new document starts (the state before that step is replaced by zero),
+        1 elsewhere; ``mamba_jax.ops.selective_scan(seq_idx=...)`` builds it.
       platform: ``"tpu"`` (the Mosaic kernel) or ``"gpu"`` (the Triton kernel).
       block_sizes: tiling; defaults to ``SelectiveScanBlockSizes()``.
       interpret: passed to ``pallas_call(interpret=...)``: False (compile for the
@@ -77,6 +81,8 @@ def selective_scan_pallas(
     if platform not in PLATFORMS:
         raise ValueError(f"{platform=} must be one of {PLATFORMS}")
     B, C = validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if continuation is not None and tuple(continuation.shape) != tuple(u.shape[:2]):
+        raise ValueError(f"continuation must have shape (b, l)={tuple(u.shape[:2])}, got {tuple(continuation.shape)}")
     n, g = A.shape[1], B.shape[2]
     if n > MAX_STATE_SIZE:
         raise ValueError(f"state size n={n} is larger than the Pallas kernels support ({MAX_STATE_SIZE})")
@@ -88,13 +94,13 @@ def selective_scan_pallas(
         if state_interval % bs.block_l:
             raise ValueError(f"{state_interval=} must be a multiple of block_l={bs.block_l}")
     return _run(
-        platform, interpret, u, delta, A, B, C, D, z, delta_bias, initial_state,
+        platform, interpret, u, delta, A, B, C, D, z, delta_bias, initial_state, continuation,
         bs=bs, softplus=bool(delta_softplus), state_interval=state_interval,
     )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("bs", "softplus", "state_interval"))
-def _run(platform, interpret, u, delta, A, B, C, D, z, bias, h0, *, bs, softplus, state_interval):
+def _run(platform, interpret, u, delta, A, B, C, D, z, bias, h0, cont, *, bs, softplus, state_interval):
     """Pads, runs one platform's kernel, crops."""
     b, l, d = u.shape
     n, g = A.shape[1], B.shape[2]
@@ -125,13 +131,18 @@ def _run(platform, interpret, u, delta, A, B, C, D, z, bias, h0, *, bs, softplus
     Bp = jnp.pad(B, [(0, 0), (0, L - l), (0, 0), (0, N - n)])
     Cp = jnp.pad(C, [(0, 0), (0, L - l), (0, 0), (0, N - n)])
     h0 = None if h0 is None else state(h0.astype(_F32))
+    cont = None if cont is None else jnp.pad(cont.astype(_F32), [(0, 0), (0, L - l)], constant_values=1.0)
     want_states = state_interval is not None
     if platform == "tpu":
         cfg = TpuScanConfig(l, T, W, P // W, softplus, want_states, interpret)
-        out = selective_scan_tpu(cfg, seq(u), seq(delta), state(A.astype(_F32)), Bp, Cp, vec(D), seq(z), vec(bias), h0)
+        out = selective_scan_tpu(
+            cfg, seq(u), seq(delta), state(A.astype(_F32)), Bp, Cp, vec(D), seq(z), vec(bias), h0, cont
+        )
     else:
         cfg = GpuScanConfig(l, T, W, P // W, softplus, want_states, bool(interpret), bs.num_warps)
-        out = selective_scan_gpu(cfg, seq(u), seq(delta), state(A.astype(_F32)), Bp, Cp, vec(D), seq(z), vec(bias), h0)
+        out = selective_scan_gpu(
+            cfg, seq(u), seq(delta), state(A.astype(_F32)), Bp, Cp, vec(D), seq(z), vec(bias), h0, cont
+        )
 
     def crop_state(x):  # (..., g * P, N) -> (..., d, n)
         x = x.reshape(*x.shape[:-2], g, P, N)[..., :p, :n]

@@ -27,7 +27,9 @@ compile on v4, v5e, v5p and v6e at n = 16, 64 and 128
 (tests/test_tpu_compile.py). Speed on TPU hardware has not been measured.
 
 Inputs of the padded layout (see ops.py): u, delta, z (b, L, Dp) float32;
-A (Dp, n); B, C (b, L, g, n); D, delta_bias (Dp,); h0 (b, Dp, n).
+A (Dp, n); B, C (b, L, g, n); D, delta_bias (Dp,); h0 (b, Dp, n); cont (b, L)
+float32, the continuation mask of packed documents (0 where a document starts:
+the state before that step is multiplied by 0), read as SMEM scalars like B, C.
 bfloat16 inputs are cast to float32 by the wrapper before the kernel (a
 single-row bf16 slab is half a packed vreg, whose stores other projects saw
 corrupted); that costs an extra pass and is a known limitation.
@@ -67,7 +69,7 @@ class TpuScanConfig:
 # --------------------------------------------------------------------------
 
 
-def selective_scan_tpu(cfg: TpuScanConfig, u, dt, A, B, C, D, z, bias, h0):
+def selective_scan_tpu(cfg: TpuScanConfig, u, dt, A, B, C, D, z, bias, h0, cont=None):
     """Runs the scan on padded inputs; returns (y, hT) or (y, hT, states).
 
     ``states`` (b, L / block_l, Dp, n) holds the state at the start of every block.
@@ -91,6 +93,7 @@ def selective_scan_tpu(cfg: TpuScanConfig, u, dt, A, B, C, D, z, bias, h0):
         tile(cast(z)),
         tile(cast(bias)),
         None if h0 is None else tile(h0.astype(_F32).transpose(0, 2, 1)),
+        None if cont is None else cont.astype(_F32).reshape(b, nc, 1, T),
     )
     y = out[0].reshape(b, L, Dp).astype(u.dtype)
     hT = out[1].reshape(b, n, Dp).transpose(0, 2, 1)
@@ -115,21 +118,24 @@ def _reduce_partials(cfg, u, A, B, C, dA_p, dB_p, dC_p):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(cfg, u, dt, A, B, C, D, z, bias, h0):
-    return _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0)[0]
+def _scan(cfg, u, dt, A, B, C, D, z, bias, h0, cont):
+    return _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0, cont)[0]
 
 
-def _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0):
-    y, states, hT = _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0)
-    return scan_outputs(cfg.want_states, y, hT, states), (u, dt, A, B, C, D, z, bias, h0, states)
+def _scan_fwd(cfg, u, dt, A, B, C, D, z, bias, h0, cont):
+    y, states, hT = _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0, cont)
+    return scan_outputs(cfg.want_states, y, hT, states), (u, dt, A, B, C, D, z, bias, h0, cont, states)
 
 
 def _scan_bwd(cfg, res, cotangents):
-    u, dt, A, B, C, D, z, bias, h0, states = res
+    u, dt, A, B, C, D, z, bias, h0, cont, states = res
     dy, dhT, dstates = split_cotangents(cfg.want_states, cotangents)
-    du, ddt, dz, dA_p, dB_p, dC_p, dD_p, dh0 = _backward_call(cfg, u, dt, A, B, C, D, z, bias, states, dy, dhT, dstates)
+    du, ddt, dz, dA_p, dB_p, dC_p, dD_p, dh0 = _backward_call(
+        cfg, u, dt, A, B, C, D, z, bias, cont, states, dy, dhT, dstates
+    )
     dA, dB, dC = _reduce_partials(cfg, u, A, B, C, dA_p, dB_p, dC_p)
-    return input_cotangents(D, bias, h0, du, ddt, dA, dB, dC, dD_p, dz, dh0)
+    dcont = None if cont is None else jnp.zeros_like(cont)  # a mask: no cotangent
+    return (*input_cotangents(D, bias, h0, du, ddt, dA, dB, dC, dD_p, dz, dh0), dcont)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -154,7 +160,8 @@ def _specs(cfg, n, nc, reverse):
     chan_n = pl.BlockSpec((n, None, S, 128), lambda i, j, c: (0, j, 0, 0))
     state = pl.BlockSpec((None, n, None, S, 128), lambda i, j, c: (i, 0, j, 0, 0))
     states = pl.BlockSpec((None, None, n, None, S, 128), lambda i, j, c: (i, tb(c), 0, j, 0, 0))
-    return seq, bc, chan, chan_n, state, states
+    cont = pl.BlockSpec((None, None, 1, T), lambda i, j, c: (i, tb(c), 0, 0), memory_space=pltpu.SMEM)
+    return seq, bc, chan, chan_n, state, states, cont
 
 
 def _compiler_params():
@@ -167,17 +174,17 @@ def _compiler_params():
     )
 
 
-def _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0):
+def _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0, cont):
     b, L, nd, S, _ = u.shape
     n = A.shape[0]
     nc = L // cfg.block_l
-    seq, bc, chan, chan_n, state, states = _specs(cfg, n, nc, reverse=False)
+    seq, bc, chan, chan_n, state, states, cont_spec = _specs(cfg, n, nc, reverse=False)
     args, specs = [u, dt, A, B, C], [seq, seq, chan_n, bc, bc]
-    for x, s in ((D, chan), (z, seq), (bias, chan), (h0, state)):
+    for x, s in ((D, chan), (z, seq), (bias, chan), (h0, state), (cont, cont_spec)):
         if x is not None:
             args.append(x)
             specs.append(s)
-    has = Present.of(D, z, bias, h0)
+    has = Present.of(D, z, bias, h0, cont)
     kernel = functools.partial(_forward_kernel, cfg=cfg, has=has, n=n)
     return pl.pallas_call(
         kernel,
@@ -196,19 +203,19 @@ def _forward_call(cfg, u, dt, A, B, C, D, z, bias, h0):
     )(*args)
 
 
-def _backward_call(cfg, u, dt, A, B, C, D, z, bias, st, dy, dhT, dst):
+def _backward_call(cfg, u, dt, A, B, C, D, z, bias, cont, st, dy, dhT, dst):
     b, L, nd, S, _ = u.shape
     n = A.shape[0]
     T = cfg.block_l
     nc = L // T
-    seq, bc, chan, chan_n, state, states = _specs(cfg, n, nc, reverse=True)
+    seq, bc, chan, chan_n, state, states, cont_spec = _specs(cfg, n, nc, reverse=True)
     args = [u, dt, A, B, C, st, dy, dhT]
     specs = [seq, seq, chan_n, bc, bc, states, seq, state]
-    for x, s in ((D, chan), (z, seq), (bias, chan), (dst, states)):
+    for x, s in ((D, chan), (z, seq), (bias, chan), (dst, states), (cont, cont_spec)):
         if x is not None:
             args.append(x)
             specs.append(s)
-    has = Present.of(D, z, bias, dst)
+    has = Present.of(D, z, bias, dst, cont)
     part_bc = pl.BlockSpec(
         (None, None, None, 1, T * n),
         lambda i, j, c: (i, j, nc - 1 - c, 0, 0),
@@ -282,6 +289,7 @@ def _forward_kernel(*refs, cfg, has, n):
     z_ref = rest.pop(0) if has.z else None
     bias_ref = rest.pop(0) if has.bias else None
     h0_ref = rest.pop(0) if has.state else None
+    cont_ref = rest.pop(0) if has.cont else None
     y_ref, st_ref, hT_ref, h_scr = rest
     T = cfg.block_l
     c = pl.program_id(2)
@@ -300,9 +308,10 @@ def _forward_kernel(*refs, cfg, has, n):
         u, dt, _ = _step_inputs(cfg, s, t, u_ref, dt_ref, bias)
         dtu = dt * u
         y = Dv * u if has.D else jnp.zeros_like(u)
+        keep = cont_ref[0, s] if has.cont else 1.0
         new = []
         for k in range(n):
-            hk = jnp.exp(dt * A[k]) * hs[k] + dtu * B_ref[0, s * n + k]
+            hk = jnp.exp(dt * A[k]) * keep * hs[k] + dtu * B_ref[0, s * n + k]
             y = y + hk * C_ref[0, s * n + k]
             new.append(hk)
         if has.z:
@@ -326,6 +335,7 @@ def _backward_kernel(*refs, cfg, has, n):
     z_ref = rest.pop(0) if has.z else None
     bias_ref = rest.pop(0) if has.bias else None
     dst_ref = rest.pop(0) if has.state else None
+    cont_ref = rest.pop(0) if has.cont else None
     du_ref, ddt_ref, dA_ref, dB_ref, dC_ref, dh0_ref, *rest = rest
     dz_ref = rest.pop(0) if has.z else None
     dD_ref = rest.pop(0) if has.D else None
@@ -349,9 +359,10 @@ def _backward_kernel(*refs, cfg, has, n):
         t = cr * T + s
         u, dt, _ = _step_inputs(cfg, s, t, u_ref, dt_ref, bias)
         dtu = dt * u
+        keep = cont_ref[0, s] if has.cont else 1.0
         new = []
         for k in range(n):
-            hk = jnp.exp(dt * A[k]) * hs[k] + dtu * B_ref[0, s * n + k]
+            hk = jnp.exp(dt * A[k]) * keep * hs[k] + dtu * B_ref[0, s * n + k]
             hbuf[s, k] = hk
             new.append(hk)
         return tuple(new)
@@ -381,11 +392,12 @@ def _backward_kernel(*refs, cfg, has, n):
         dtu = dt * u
         ddt = jnp.zeros_like(u)
         dhB = jnp.zeros_like(u)
+        keep = cont_ref[0, s] if has.cont else 1.0  # d(keep exp(dt A))/d dt = A (keep exp(dt A))
         new = []
         for k in range(n):
             dC_ref[0, s * n + k] = jnp.sum(gy * h[k])
             dhk = dhs[k] + gy * C_ref[0, s * n + k]
-            decay = jnp.exp(dt * A[k])
+            decay = jnp.exp(dt * A[k]) * keep
             dh_decay = dhk * h_prev[k] * decay
             ddt = ddt + dh_decay * A[k]
             dhB = dhB + dhk * B_ref[0, s * n + k]

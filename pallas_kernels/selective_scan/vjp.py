@@ -16,10 +16,11 @@ class Present(NamedTuple):
     z: bool
     bias: bool
     state: bool  # the initial state in the forward, the saved states' cotangent in the backward
+    cont: bool = False  # the continuation mask of packed documents (0 where a document starts)
 
     @classmethod
-    def of(cls, D, z, bias, state) -> "Present":
-        return cls(D is not None, z is not None, bias is not None, state is not None)
+    def of(cls, D, z, bias, state, cont=None) -> "Present":
+        return cls(D is not None, z is not None, bias is not None, state is not None, cont is not None)
 
 
 def scan_outputs(want_states: bool, y, hT, states):
