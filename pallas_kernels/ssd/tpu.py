@@ -121,13 +121,13 @@ def _ssd_bwd(cfg, res, cotangents):
     g = B.shape[1]
     per_group = lambda v: v.reshape(b, g, h // g, *v.shape[2:]).sum(2)  # heads of a group share B, C
     return (
-        dx.astype(x.dtype),
+        dx,
         ddt,
         dA_steps.sum((0, 2, 3)),
         per_group(dB_h).astype(B.dtype),
         per_group(dC_h).astype(C.dtype),
         None if D is None else dD.sum(0),
-        None if z is None else dz.astype(z.dtype),
+        dz,
         None if bias is None else ddt.sum((0, 2, 3)),
         None if h0 is None else dh0,
         None,
@@ -215,24 +215,24 @@ def _backward_call(cfg, x, dt, A, B, C, D, z, bias, states, rel, dy, dhT):
             args.append(v)
             specs.append(spec)
     outs = [
-        (s.seq, (b, h, L, p)),  # dx
-        (s.row, (b, h, 1, L)),  # d dt (raw)
-        (s.row, (b, h, 1, L)),  # per-step contributions to dA
-        (s.seq_n, (b, h, L, n)),  # dB per head
-        (s.seq_n, (b, h, L, n)),  # dC per head
-        (s.state, (b, h, p, n)),  # dh0
+        (s.seq, (b, h, L, p), x.dtype),  # dx, rounded once to the input dtype
+        (s.row, (b, h, 1, L), _F32),  # d dt (raw)
+        (s.row, (b, h, 1, L), _F32),  # per-step contributions to dA
+        (s.seq_n, (b, h, L, n), _F32),  # dB per head
+        (s.seq_n, (b, h, L, n), _F32),  # dC per head
+        (s.state, (b, h, p, n), _F32),  # dh0
     ]
     if z is not None:
-        outs.append((s.seq, (b, h, L, p)))  # dz
+        outs.append((s.seq, (b, h, L, p), z.dtype))  # dz
     if D is not None:
-        outs.append((s.chan_b, (b, h, 1, p)))  # dD per sequence
+        outs.append((s.chan_b, (b, h, 1, p), _F32))  # dD per sequence
     kernel = functools.partial(_backward_kernel, cfg=cfg, has=_has(D, z, bias, None, rel))
     res = pl.pallas_call(
         kernel,
         grid=(b, h, nc),
         in_specs=specs,
         out_specs=[o[0] for o in outs],
-        out_shape=[jax.ShapeDtypeStruct(o[1], _F32) for o in outs],
+        out_shape=[jax.ShapeDtypeStruct(o[1], o[2]) for o in outs],
         scratch_shapes=[pltpu.VMEM((p, n), _F32)],  # dh carried across chunks
         compiler_params=_compiler_params(),
         interpret=cfg.interpret,
@@ -388,7 +388,7 @@ def _backward_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, st_ref, dy_ref, dhT_ref
         y_pre = _dot(M, u) + ch.w_in * Q
         if has["D"]:
             y_pre = y_pre + x * D_ref[...]
-        dz_ref[...] = dy * y_pre * sig * (1.0 + zv * (1.0 - sig))
+        dz_ref[...] = (dy * y_pre * sig * (1.0 + zv * (1.0 - sig))).astype(dz_ref.dtype)
         g = dy * zv * sig
     else:
         g = dy
@@ -428,7 +428,7 @@ def _backward_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, st_ref, dy_ref, dhT_ref
     if has["D"]:
         dx = dx + g * D_ref[...]
         dD_ref[...] = dD_ref[...] + jnp.sum(g * x, axis=0, keepdims=True)
-    dx_ref[...] = dx
+    dx_ref[...] = dx.astype(dx_ref.dtype)
     dh_scr[...] = dh_in
 
     @pl.when(c == pl.num_programs(2) - 1)
