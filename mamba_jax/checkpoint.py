@@ -182,9 +182,19 @@ def _fingerprint_tree(tree):
 
 def fingerprint(tree) -> dict[str, str]:
     """``{"a/b/0": "h1:h2"}``: two wrapping 32-bit hashes of the bits of every array leaf."""
-    hashes = jax.device_get(_fingerprint_tree(tree))
-    flat, _ = jax.tree_util.tree_flatten_with_path(hashes)
-    return {_path_str(p): f"{int(h[0]):08x}:{int(h[1]):08x}" for p, h in flat}
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    # One jitted call per set of devices (a sharded model and a key on one device
+    # cannot meet in one computation).
+    groups: dict = {}
+    for p, x in flat:
+        devices = getattr(x, "sharding", None)
+        devices = frozenset(d.id for d in devices.device_set) if devices is not None else None
+        groups.setdefault(devices, []).append((p, x))
+    out = {}
+    for members in groups.values():
+        hashes = jax.device_get(_fingerprint_tree([x for _, x in members]))
+        out.update({_path_str(p): f"{int(h[0]):08x}:{int(h[1]):08x}" for (p, _), h in zip(members, hashes)})
+    return {_path_str(p): out[_path_str(p)] for p, _ in flat}
 
 
 def _path_str(path) -> str:

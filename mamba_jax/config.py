@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -92,6 +94,15 @@ class MambaConfig:
         ``(0, inf)`` (the default) means no clamp. A list is converted to a tuple.
       A_init_range: Mamba-2 ``A = -U(lo, hi)`` per head at initialisation (stored as ``A_log``).
       ssd_impl: ``impl`` passed to :func:`mamba_jax.ops.ssd`.
+      scan_layers: run the blocks (without a cache) as one ``jax.lax.scan`` over their
+        parameters stacked at call time, so compile time does not grow with depth; every
+        layer must be of one kind (no ``attn_layer_idx`` in a model with Mamba layers).
+        Same parameters, names and checkpoints; the stacked copy costs one more copy of
+        the blocks' parameters while it lives.
+      remat: rematerialise each block in the backward pass (``jax.checkpoint`` of the
+        block, without a cache): ``"none"``, ``"full"`` (save nothing), ``"dots"``
+        (save matmul outputs without batch dimensions), or any name in
+        ``jax.checkpoint_policies`` (e.g. ``"dots_with_no_batch_dims_saveable"``).
     """
 
     d_model: int = 768
@@ -134,6 +145,8 @@ class MambaConfig:
     dt_limit: tuple[float, float] = (0.0, float("inf"))
     A_init_range: tuple[float, float] = (1.0, 16.0)
     ssd_impl: str = "auto"
+    scan_layers: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
@@ -152,6 +165,22 @@ class MambaConfig:
             raise ValueError(f"MambaConfig.scan_impl={self.scan_impl!r} is not one of {('auto',) + IMPLS}")
         self._validate_mlp_and_attention()
         self._validate_mamba2()
+        self._validate_layer_loop()
+
+    def _validate_layer_loop(self):
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"MambaConfig.scan_layers={self.scan_layers!r} must be a bool")
+        if self.remat not in ("none", "full", "dots") and (
+            str(self.remat).startswith("_") or not hasattr(jax.checkpoint_policies, str(self.remat))
+        ):
+            raise ValueError(
+                f"MambaConfig.remat={self.remat!r} must be 'none', 'full', 'dots' or a jax.checkpoint_policies name"
+            )
+        if self.scan_layers and 0 < len(self.attn_layer_idx) < self.n_layer:
+            raise ValueError(
+                f"MambaConfig.scan_layers=True needs every layer of one kind, but attn_layer_idx="
+                f"{self.attn_layer_idx} mixes attention and Mamba layers"
+            )
 
     def _validate_mamba2(self):
         if self.layer not in ("mamba1", "mamba2"):

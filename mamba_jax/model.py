@@ -144,10 +144,13 @@ class MambaLM(nnx.Module):
         hidden = self.embedding(input_ids)
         residual = None
         new_layers = []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache.layers[i]
-            hidden, residual, layer_cache = layer(hidden, residual, layer_cache, mask, seq_idx)
-            new_layers.append(layer_cache)
+        if cache is None and (self.config.scan_layers or self.config.remat != "none"):
+            hidden, residual = _run_blocks(self.layers, self.config, hidden, mask, seq_idx)
+        else:
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else cache.layers[i]
+                hidden, residual, layer_cache = layer(hidden, residual, layer_cache, mask, seq_idx)
+                new_layers.append(layer_cache)
         residual = residual + hidden.astype(residual.dtype)
         hidden = self.norm_f(residual)
         if self.config.tie_embeddings:
@@ -187,6 +190,46 @@ class MambaLM(nnx.Module):
                 raise ValueError(
                     f"input_ids must lie in [0, {self.config.padded_vocab_size}), got values in [{lo}, {hi}]"
                 )
+
+
+def _remat_policy(name: str):
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return getattr(jax.checkpoint_policies, name)
+
+
+def _run_blocks(layers, config: MambaConfig, hidden, mask, seq_idx):
+    """The blocks without a cache, rematerialised (``config.remat``) and/or as one
+    ``lax.scan`` over their stacked parameters (``config.scan_layers``)."""
+
+    def block(graphdef, state, hidden, residual):
+        hidden, residual, _ = nnx.merge(graphdef, state)(hidden, residual, None, mask, seq_idx)
+        return hidden, residual
+
+    if config.remat != "none":
+        block = jax.checkpoint(block, policy=_remat_policy(config.remat), static_argnums=(0,))
+    splits = [nnx.split(layer) for layer in layers]
+    if not config.scan_layers:
+        residual = None
+        for graphdef, state in splits:
+            hidden, residual = block(graphdef, state, hidden, residual)
+        return hidden, residual
+    graphdef = splits[0][0]
+    if any(g != graphdef for g, _ in splits):
+        raise ValueError("scan_layers needs every block of one structure (the same mixer and MLP in each)")
+    # The first block starts from residual None (residual = hidden): it runs before
+    # the scan, which carries (hidden, residual) arrays through the others.
+    hidden, residual = block(graphdef, splits[0][1], hidden, None)
+    if len(splits) > 1:
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in splits[1:]))
+
+        def body(carry, state):
+            return block(graphdef, state, *carry), None
+
+        (hidden, residual), _ = jax.lax.scan(body, (hidden, residual), stacked)
+    return hidden, residual
 
 
 def _check_seq_idx(seq_idx, shape) -> None:

@@ -23,10 +23,11 @@ shards before it. Under a mesh set with ``jax.set_mesh(mesh)``,
 ``mamba_jax.ops.selective_scan`` runs every implementation through
 :func:`sharded_selective_scan` (``shard_map``: channels over ``tensor``, batch
 over ``data`` x ``fsdp``, time over ``sequence`` with the prefix correction).
-Without ``jax.set_mesh``, XLA partitions the XLA implementations by itself
-(gathering the time axis) and the Pallas kernels must not be used on split
-inputs. Not built yet: the causal convolution's halo exchange (XLA gathers it)
-and ``ssd`` under ``shard_map``.
+``mamba_jax.ops.ssd`` (Mamba-2) does the same through :func:`sharded_ssd` (heads
+over ``tensor``). Without ``jax.set_mesh``, XLA partitions the XLA
+implementations by itself (gathering the time axis) and the Pallas kernels must
+not be used on split inputs. Not built yet: the causal convolution's halo
+exchange (XLA gathers it).
 """
 
 from __future__ import annotations
@@ -151,27 +152,90 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def _check_batch_divisible(name: str, shape, sharding: NamedSharding, mesh) -> None:
+    for dim, axes in enumerate(sharding.spec):
+        if axes is None:
+            continue
+        size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+        if shape[dim] % size:
+            raise ValueError(
+                f"batch[{name!r}] has shape {tuple(shape)}: dimension {dim} ({shape[dim]}) is not "
+                f"divisible by {axes} of size {size}"
+            )
+
+
+def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows of a global batch of ``global_batch_size`` that this process holds
+    under :func:`batch_sharding` (``range(global_batch_size)`` in a single process).
+
+    In a multi-process run every process loads only these rows (all of them when the
+    batch axes do not cross processes) and passes them to :func:`shard_batch`. An
+    error says so when the process's rows are not one contiguous block (a mesh built
+    from a device order that interleaves processes: use :func:`make_mesh`)."""
+    n_blocks = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if not isinstance(global_batch_size, int) or global_batch_size < 1 or global_batch_size % n_blocks:
+        raise ValueError(f"{global_batch_size=} must be a positive multiple of data x fsdp = {n_blocks}")
+    sharding = batch_sharding(mesh, 1)
+    index = sharding.addressable_devices_indices_map((global_batch_size,))
+    starts = sorted({sl[0].start or 0 for sl in index.values()})
+    size = global_batch_size // n_blocks
+    lo, hi = starts[0], starts[-1] + size
+    if [lo + i * size for i in range(len(starts))] != starts:
+        raise ValueError(
+            f"process {jax.process_index()} holds batch blocks starting at {starts} of a batch of "
+            f"{global_batch_size}: not one contiguous block (build the mesh with make_mesh)"
+        )
+    return slice(lo, hi)
+
+
 def shard_batch(batch: Mapping[str, jax.Array], mesh: Mesh) -> dict:
     """Places a dict of (b, l, ...) arrays: b over data x fsdp, l over sequence.
 
     b must be divisible by ``data * fsdp`` and l by ``sequence``; an error names
-    the array otherwise.
+    the array otherwise. In a multi-process run (``jax.distributed``) each process
+    passes only its rows of the global batch (:func:`process_rows`) as host arrays,
+    with every column; the global array is assembled with
+    ``jax.make_array_from_process_local_data``, without any process holding all of it.
     """
     out = {}
+    multi = jax.process_count() > 1
     for name, x in batch.items():
-        x = jax.numpy.asarray(x)
+        if not multi:
+            x = jax.numpy.asarray(x)
+            sharding = batch_sharding(mesh, x.ndim)
+            _check_batch_divisible(name, x.shape, sharding, mesh)
+            out[name] = jax.device_put(x, sharding)
+            continue
+        x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim)
-        for dim, axes in enumerate(sharding.spec):
-            if axes is None:
-                continue
-            size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
-            if x.shape[dim] % size:
-                raise ValueError(
-                    f"batch[{name!r}] has shape {tuple(x.shape)}: dimension {dim} ({x.shape[dim]}) is not "
-                    f"divisible by {axes} of size {size}"
-                )
-        out[name] = jax.device_put(x, sharding)
+        n_blocks = math.prod(mesh.shape[a] for a in BATCH_AXES)
+        local = process_rows(mesh, n_blocks)  # the fraction of the rows this process holds
+        rows, extra = divmod(x.shape[0] * n_blocks, local.stop - local.start)
+        if extra:
+            raise ValueError(
+                f"batch[{name!r}] has {x.shape[0]} rows on process {jax.process_index()}, which holds "
+                f"{local.stop - local.start} of data x fsdp = {n_blocks} batch blocks"
+            )
+        global_shape = (rows, *x.shape[1:])
+        _check_batch_divisible(name, global_shape, sharding, mesh)
+        out[name] = jax.make_array_from_process_local_data(sharding, x, global_shape)
     return out
+
+
+def place_state(state, mesh: Mesh):
+    """Every leaf of a pytree on ``mesh``: a leaf already carrying a ``NamedSharding`` of
+    this mesh keeps it, any other (an optimizer's step count, RNG counters) is replicated.
+    Returns ``(placed, shardings)``; the shardings are the jitted step's in/out shardings."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return s
+        return replicated
+
+    shardings_ = jax.tree.map(one, state)
+    return jax.device_put(state, shardings_), shardings_
 
 
 # --------------------------------------------------------------------------
@@ -180,9 +244,10 @@ def shard_batch(batch: Mapping[str, jax.Array], mesh: Mesh) -> dict:
 
 
 def active_mesh():
-    """The mesh set with ``jax.set_mesh`` when it has this module's axes, else None."""
+    """The mesh set with ``jax.set_mesh`` when it has this module's axes, else None
+    (also inside a ``shard_map`` over them, where the arrays are already per shard)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names) or set(AXES) & set(mesh.manual_axes):
         return None
     return mesh
 
@@ -271,4 +336,85 @@ def sharded_selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, delta_s
         # vary over; without the check, shard_map's transpose sums the cotangents of
         # the replicated inputs (A, D, bias, ...) over the axes they are replicated on.
         check_vma=False,
+    )(*(args[i] for i in present))
+
+
+def sharded_ssd(ssd_fn, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *, chunk_size, dt_softplus, dt_limit, impl):
+    """``mamba_jax.ops.ssd`` (passed as ``ssd_fn``) under ``shard_map`` on the active mesh:
+    heads over ``tensor`` (no communication; B and C follow when their groups split
+    evenly, a single group is replicated), batch over ``data`` x ``fsdp``, time over
+    ``sequence`` with the prefix correction: every shard runs from a zero state for its
+    final state ``H`` (b, h, p, n) and its decay product per head ``P = exp(A_h sum_t dt_t)``
+    (0 when a document starts inside the shard or at its first token); the (P, H) pairs
+    are gathered and folded in shard order into each shard's initial state, with which it
+    runs again (exact, twice the work; autodiff transposes the gather, so the backward
+    sums the state cotangents across shards). Time or batch that a mesh axis does not
+    divide (a one-token step, a batch of one) is replicated over that axis instead.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from mamba_jax.ops.ssd import _process_dt
+
+    mesh = active_mesh()
+    b, l, h, _ = x.shape
+    g = B.shape[2]
+    tensor = mesh.shape["tensor"]
+    seq = mesh.shape["sequence"] if l % mesh.shape["sequence"] == 0 else 1
+    batch_axes = BATCH_AXES if b % math.prod(mesh.shape[a] for a in BATCH_AXES) == 0 else None
+    time_axis = "sequence" if seq > 1 else None
+    if h % tensor:
+        raise ValueError(f"ssd under a mesh: heads h={h} are not divisible by tensor={tensor}")
+    if g > 1 and g % tensor:
+        raise ValueError(f"ssd under a mesh: groups g={g} must be divisible by tensor={tensor} (or be 1)")
+    keep = None
+    if seq > 1 and seq_idx is not None:  # 1 where a token continues the document before it
+        same = (seq_idx[:, 1:] == seq_idx[:, :-1]).astype(jax.numpy.float32)
+        keep = jax.numpy.concatenate([jax.numpy.ones((b, 1), jax.numpy.float32), same], axis=1)
+    head = P("tensor") if D is None or D.ndim == 1 else P("tensor", None)
+    specs = (
+        P(batch_axes, time_axis, "tensor", None), P(batch_axes, time_axis, "tensor"), P("tensor"),
+        P(batch_axes, time_axis, "tensor" if g > 1 else None, None), P(batch_axes, time_axis, "tensor" if g > 1 else None, None),
+        head, P(batch_axes, time_axis, "tensor", None), P("tensor"), P(batch_axes, "tensor", None, None),
+        P(batch_axes, time_axis), P(batch_axes, time_axis),
+    )
+    args = (x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, keep)
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def run(x_, dt_, A_, B_, C_, D_, z_, bias_, h0_, sidx_):
+        return ssd_fn(x_, dt_, A_, B_, C_, chunk_size=chunk_size, D=D_, z=z_, dt_bias=bias_, dt_softplus=dt_softplus,
+                      dt_limit=dt_limit, initial_state=h0_, seq_idx=sidx_, return_final_state=True, impl=impl)
+
+    def body(*local):
+        full = [None] * len(args)
+        for i, a in zip(present, local):
+            full[i] = a
+        x_, dt_, A_, B_, C_, D_, z_, bias_, h0_, sidx_, keep_ = full
+        if seq == 1:
+            return run(x_, dt_, A_, B_, C_, D_, z_, bias_, h0_, sidx_)
+        _, H = run(x_, dt_, A_, B_, C_, None, None, bias_, None, sidx_)
+        f32 = jax.numpy.float32
+        steps = _process_dt(dt_, bias_, dt_softplus, dt_limit).astype(f32)  # (b, l, h)
+        decay = jax.numpy.exp(A_.astype(f32) * steps.sum(1))  # (b, h)
+        if keep_ is not None:
+            decay = decay * keep_.prod(1)[:, None]
+        all_decay = jax.lax.all_gather(decay, "sequence")
+        all_H = jax.lax.all_gather(H, "sequence")
+        state = jax.numpy.zeros_like(H) if h0_ is None else h0_.astype(f32)
+        starts = [state]
+        for r in range(seq - 1):
+            state = all_decay[r][:, :, None, None] * state + all_H[r]
+            starts.append(state)
+        index = jax.lax.axis_index("sequence")
+        start = jax.numpy.stack(starts)[index]
+        if keep_ is not None:  # this shard's first token starts a new document
+            start = start * keep_[:, 0][:, None, None, None]
+        y, hT = run(x_, dt_, A_, B_, C_, D_, z_, bias_, start, sidx_)
+        hT = jax.lax.psum(jax.numpy.where(index == seq - 1, hT, 0.0), "sequence")
+        return y, hT
+
+    return jax.shard_map(
+        body,
+        in_specs=tuple(specs[i] for i in present),
+        out_specs=(specs[0], specs[8]),
+        check_vma=False,  # as in sharded_selective_scan: the scans' carries are not annotated
     )(*(args[i] for i in present))

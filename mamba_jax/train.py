@@ -9,7 +9,10 @@ Two levels of API:
   (model, optimizer) state with the buffers donated, optional gradient accumulation,
   periodic evaluation, metrics appended to ``<workdir>/metrics.jsonl``, a tqdm bar
   with loss and tokens/s, periodic Orbax checkpoints
-  (:class:`mamba_jax.checkpoint.CheckpointManager`) and automatic resume.
+  (:class:`mamba_jax.checkpoint.CheckpointManager`) and automatic resume; with a
+  ``mesh`` (:mod:`mamba_jax.sharding`), the model, the optimizer state and every batch
+  are sharded and the step is jitted with their in/out shardings, on one process or
+  many (``jax.distributed``).
 
 Precision is the model's: build it with ``dtype=jnp.bfloat16`` (and the default
 ``param_dtype=float32``) to compute in bfloat16 with float32 master weights; the
@@ -272,6 +275,17 @@ class Trainer:
       workdir: where metrics and checkpoints go (None: nothing is written).
       progress: show a tqdm bar (loss, tokens/s) on stderr.
       description: the bar's label.
+      mesh: a ``jax.sharding.Mesh`` from :func:`mamba_jax.sharding.make_mesh`, or None
+        (one device). The model is placed on it by its logical axes (unless it was built
+        there already, e.g. with :func:`~mamba_jax.sharding.init_sharded`), the optimizer
+        state follows its parameters, ``batch_fn``'s batches are placed with
+        :func:`~mamba_jax.sharding.shard_batch`, and the step is jitted with those
+        in/out shardings, the state donated, and run under ``jax.set_mesh(mesh)`` (the
+        selective scan in ``shard_map``). In a multi-process run ``batch_fn(step)``
+        returns only this process's rows (:func:`~mamba_jax.sharding.process_rows`), and
+        only process 0 writes ``metrics.jsonl``. A checkpoint written under any mesh
+        restores onto this one (each array read into this mesh's layout).
+      rules: logical-axis rule overrides for the placement (see ``mamba_jax.sharding``).
     """
 
     def __init__(
@@ -282,9 +296,19 @@ class Trainer:
         workdir: str | Path | None = None,
         progress: bool = True,
         description: str = "train",
+        mesh: jax.sharding.Mesh | None = None,
+        rules: Mapping[str, str | None] | None = None,
     ):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh (mamba_jax.sharding.make_mesh), got {type(mesh).__name__}")
+        self.mesh = mesh
+        if mesh is not None:
+            from mamba_jax import sharding as mjs
+
+            if not _placed_on(model, mesh):
+                mjs.shard_model(model, mesh, rules)
         self.model = model
         self.config = config
         self.optimizer = make_optimizer(model, **config.optimizer_kwargs())
@@ -302,7 +326,42 @@ class Trainer:
 
                 self._checkpoints = CheckpointManager(self.workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
         self._graphdef, self._state = nnx.split((self.model, self.optimizer))
-        self._step_fn = _jitted_train_step(self._graphdef, config.grad_accum_steps)
+        if mesh is None:
+            self._step_fn = _jitted_train_step(self._graphdef, config.grad_accum_steps)
+        else:
+            self._place()
+            self._step_fn = self._sharded_step()
+
+    def _place(self) -> None:
+        """Put the (model, optimizer) state on the mesh: parameters and moments keep their
+        shardings, everything else (step count, RNG counters) is replicated."""
+        from mamba_jax import sharding as mjs
+
+        self._state, self._state_shardings = mjs.place_state(self._state, self.mesh)
+        self._sync()
+
+    def _sharded_step(self):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from mamba_jax import sharding as mjs
+
+        jitted = jax.jit(
+            functools.partial(_pure_train_step, self._graphdef, self.config.grad_accum_steps),
+            in_shardings=(self._state_shardings, mjs.batch_sharding(self.mesh, 2)),
+            out_shardings=(self._state_shardings, NamedSharding(self.mesh, PartitionSpec())),
+            donate_argnums=0,
+        )
+
+        def step(state, batch):
+            with jax.set_mesh(self.mesh):  # the selective scan runs in shard_map
+                return jitted(state, batch)
+
+        return step
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes metrics (process 0 of a multi-process run)."""
+        return jax.process_index() == 0
 
     @property
     def metrics_path(self) -> Path | None:
@@ -334,6 +393,8 @@ class Trainer:
         nnx.update(self.model, nnx.state(restored.model))
         nnx.update(self.optimizer, nnx.state(restored.optimizer))
         self._state = nnx.state((self.model, self.optimizer))
+        if self.mesh is not None:  # arrays were read in this mesh's layout; the rest replicated
+            self._place()
         self.step, self.rng = restored.step, restored.rng
         self._truncate_metrics(self.step)
         return True
@@ -382,6 +443,10 @@ class Trainer:
             while self.step < cfg.total_steps:
                 batch = batch_fn(self.step)
                 self._check_batch(batch)
+                if self.mesh is not None:
+                    from mamba_jax import sharding as mjs
+
+                    batch = mjs.shard_batch(batch, self.mesh)
                 self._state, metrics = self._step_fn(self._state, batch)
                 self.step += 1
                 tokens_since += int(np.prod(np.shape(batch["inputs"])))
@@ -436,7 +501,7 @@ class Trainer:
             )
 
     def _write(self, record: dict) -> dict:
-        if self.metrics_path is not None:
+        if self.metrics_path is not None and self.is_writer:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         return record
@@ -445,10 +510,18 @@ class Trainer:
         """Drop records past ``step`` (written after the checkpoint we resumed from) and a
         torn last line; the file is replaced atomically (a crash leaves the old or the new)."""
         path = self.metrics_path
-        if path is None or not path.exists():
+        if path is None or not path.exists() or not self.is_writer:
             return
         records = read_metrics(path)
         _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
+
+
+def _placed_on(model: nnx.Module, mesh) -> bool:
+    """Whether every parameter of ``model`` already lives on ``mesh`` (a NamedSharding of it)."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return bool(leaves) and all(
+        isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) and x.sharding.mesh == mesh for x in leaves
+    )
 
 
 @functools.lru_cache(maxsize=32)

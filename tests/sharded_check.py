@@ -88,12 +88,47 @@ def scan_rows():
                                   grad_err=tree_rel(grads, ref_grads))), flush=True)
 
 
+def ssd_rows():
+    """ssd under shard_map (heads over tensor with grouped B/C, batch over data, time over
+    sequence with the prefix correction) with an initial state, D, z, dt_bias, a dt clamp
+    and packed documents (one starting exactly at a shard boundary) against the unsharded
+    reference: outputs and every gradient."""
+    b, l, h, p, g, n = 2, 32, 4, 8, 2, 8
+    ks = jax.random.split(jax.random.key(2), 9)
+    args = dict(
+        x=jax.random.normal(ks[0], (b, l, h, p)), dt=jax.random.normal(ks[1], (b, l, h)) - 1.0,
+        A=-jnp.exp(jax.random.normal(ks[2], (h,))), B=jax.random.normal(ks[3], (b, l, g, n)),
+        C=jax.random.normal(ks[4], (b, l, g, n)), D=jax.random.normal(ks[5], (h,)),
+        z=jax.random.normal(ks[6], (b, l, h, p)), dt_bias=0.1 * jax.random.normal(ks[7], (h,)),
+        initial_state=jax.random.normal(ks[8], (b, h, p, n)),
+    )
+    seq_idx = jnp.zeros((b, l), jnp.int32).at[1, 16:].set(1).at[1, 21:].set(2)
+    names = list(args)
+    w = jax.random.normal(jax.random.key(3), (b, l, h, p))
+
+    def loss(impl, *values):
+        y, s = mj.ops.ssd(**dict(zip(names, values)), chunk_size=8, dt_softplus=True, dt_limit=(1e-3, 0.5),
+                          seq_idx=seq_idx, return_final_state=True, impl=impl)
+        return jnp.sum(y * w) + jnp.sum(s * s), (y, s)
+
+    grad = lambda impl: jax.jit(jax.grad(lambda *v: loss(impl, *v), argnums=tuple(range(len(names))), has_aux=True))
+    ref_grads, ref_out = grad("reference")(*args.values())
+    for axes in (dict(tensor=2, sequence=4), dict(data=2, sequence=4)):
+        mesh = mjs.make_mesh(**axes)
+        with jax.set_mesh(mesh):
+            grads, out = grad("chunked")(*args.values())
+            jaxpr = str(jax.make_jaxpr(lambda *v: loss("chunked", *v))(*args.values()))
+        print(json.dumps(dict(scan="ssd_chunked", mesh=dict(mesh.shape), out_err=tree_rel(out, ref_out),
+                              grad_err=tree_rel(grads, ref_grads), shard_map="shard_map" in jaxpr)), flush=True)
+
+
 QUICK = {"mamba": ["data2_fsdp2_tensor2", "fsdp2_tensor2_sequence2"], "hybrid": ["data2_fsdp2_tensor2"]}
 
 
 def main():
     assert len(jax.devices()) == 8, jax.devices()
     scan_rows()
+    ssd_rows()
     layouts = QUICK if "--quick" in sys.argv else {m: list(LAYOUTS) for m in MODELS}
     batch = batch_for(0)
     for model_name, kw in MODELS.items():

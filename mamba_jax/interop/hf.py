@@ -42,6 +42,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -61,9 +62,17 @@ def _abstract_model(config: MambaConfig, dtype: DType, param_dtype: DType) -> Ma
     return nnx.eval_shape(lambda: MambaLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
 
 
-def _fill(abstract: MambaLM, params: Mapping[tuple, np.ndarray], param_dtype: DType) -> MambaLM:
-    """Put ``params`` into the abstract model's variables, checking names and shapes."""
+def _fill(abstract: MambaLM, params: Mapping[tuple, np.ndarray], param_dtype: DType, mesh=None, rules=None) -> MambaLM:
+    """Put ``params`` into the abstract model's variables, checking names and shapes.
+
+    With a ``mesh``, each host array goes straight to its ``NamedSharding``
+    (``jax.device_put`` from host memory sends every device only its shard)."""
     graphdef, state = nnx.split(abstract)
+    placement = None
+    if mesh is not None:
+        from mamba_jax import sharding as mjs
+
+        placement = dict(nnx.to_flat_state(mjs.shardings(state, mesh, rules)))
     flat = list(nnx.to_flat_state(state))
     expected = {path for path, _ in flat}
     missing = sorted(expected - set(params), key=str)
@@ -81,7 +90,13 @@ def _fill(abstract: MambaLM, params: Mapping[tuple, np.ndarray], param_dtype: DT
         if tuple(got.shape) != tuple(want.shape):
             key = path_to_key(path)[0]
             raise ValueError(f"checkpoint key {key!r}: shape {tuple(got.shape)} (after conversion) != expected {tuple(want.shape)}")
-        new.append((path, var.replace(jnp.asarray(got, dtype=param_dtype))))
+        if placement is None:
+            value = jnp.asarray(got, dtype=param_dtype)
+        else:
+            target = placement[path]
+            target = getattr(target, "value", target)  # a Variable holding the sharding, or the sharding
+            value = jax.device_put(np.asarray(got).astype(jnp.dtype(param_dtype)), target)
+        new.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(new))
 
 
@@ -92,6 +107,8 @@ def from_pretrained(
     param_dtype: DType = jnp.float32,
     vocab_size: int | None = None,
     pad_vocab_size_multiple: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Mapping[str, str | None] | None = None,
     **config_overrides,
 ) -> MambaLM:
     """A :class:`MambaLM` with the weights of a local Hugging Face or mamba_ssm checkpoint directory.
@@ -103,6 +120,13 @@ def from_pretrained(
       vocab_size: the tokenizer's vocabulary size when the embedding is padded beyond it
         (HF layout only, e.g. 50277 for ``state-spaces/mamba-*-hf``); default: the rows.
       pad_vocab_size_multiple: round the vocabulary up to this multiple, appending zero rows.
+      mesh: a ``jax.sharding.Mesh`` (:func:`mamba_jax.sharding.make_mesh`): every parameter is
+        placed by its logical axes (as :func:`mamba_jax.sharding.shard_model`), sent from
+        host memory straight to its ``NamedSharding``, so no device ever holds more than
+        its shards and no replicated copy is built on one device. The host process still
+        reads the whole checkpoint into host memory first (the files are not read shard
+        by shard).
+      rules: logical-axis rule overrides for ``mesh``.
       **config_overrides: other :class:`MambaConfig` fields that do not change the weights
         (``scan_impl``, ``residual_in_fp32`` ...).
 
@@ -124,7 +148,7 @@ def from_pretrained(
         config = config.replace(**config_overrides)
     params = convert_state_dict(state_dict, config)
     dtype = param_dtype if dtype is None else dtype
-    model = _fill(_abstract_model(config, dtype, param_dtype), params, param_dtype)
+    model = _fill(_abstract_model(config, dtype, param_dtype), params, param_dtype, mesh, rules)
     model.hf_config_extras = read_config_extras(path)
     return model
 

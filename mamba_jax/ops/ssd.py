@@ -120,6 +120,11 @@ def ssd(
     n = B.shape[-1]
     arrays = (x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx)
     static = dict(chunk_size=chunk_size, dt_softplus=bool(dt_softplus), dt_limit=(lo, hi))
+    from mamba_jax import sharding  # here: sharding.sharded_ssd imports from this module
+
+    if sharding.active_mesh() is not None:  # under jax.set_mesh: shard_map (sharding.sharded_ssd)
+        y, final_state = sharding.sharded_ssd(ssd, *arrays, impl=impl, **static)
+        return (y, final_state) if return_final_state else y
     if impl in ("auto", "pallas"):
         if impl == "auto":
             pick = lambda pf: resolve_ssd_impl(pf, state_size=n, seq_len=l, headdim=p, chunk_size=chunk_size)
