@@ -54,13 +54,19 @@ CASES = [
     ("d5120_n16_bf16", 2, 2048, 5120, 16, 1, "bfloat16", ("grad",)),
     ("l2000_g2_n64_bf16", 2, 2000, 2048, 64, 2, "bfloat16", ("grad",)),
     ("l1003_g4_n128", 1, 1003, 1536, 128, 4, "float32", ("grad",)),
+    # Packed documents (seq_idx -> the kernels' continuation mask, an SMEM row per time block).
+    ("n16_packed", 1, 2048, 2048, 16, 1, "float32", ("fwd", "grad")),
+    ("n64_packed_bf16", 2, 2048, 2048, 64, 1, "bfloat16", ("grad",)),
+    ("l1003_g4_n128_packed_bf16", 1, 1003, 1536, 128, 4, "bfloat16", ("grad",)),
 ]
+PACKED = frozenset(c[0] for c in CASES if "packed" in c[0])
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # %%
-def compile_case(dev, b, l, d, n, g, dtype, pass_):
-    """Compiles one case for the TPU device ``dev``; returns a result dict."""
+def compile_case(dev, b, l, d, n, g, dtype, pass_, packed=False):
+    """Compiles one case for the TPU device ``dev``; returns a result dict. ``packed``:
+    with ``seq_idx`` (documents of 100 tokens), not differentiated."""
     from jax.sharding import SingleDeviceSharding
 
     dt = jnp.dtype(dtype)
@@ -71,10 +77,12 @@ def compile_case(dev, b, l, d, n, g, dtype, pass_):
         spec((d,), jnp.float32), spec((b, l, d)), spec((d,), jnp.float32), spec((b, d, n), jnp.float32),
     )
 
+    seq_idx = (jnp.arange(l, dtype=jnp.int32) // 100)[None].repeat(b, 0) if packed else None
+
     def forward(u, delta, A, B, C, D, z, bias, h0):
         return mj.ops.selective_scan(
             u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=True,
-            initial_state=h0, return_final_state=True, impl="auto",
+            initial_state=h0, return_final_state=True, impl="auto", seq_idx=seq_idx,
         )
 
     def loss(*a):
@@ -105,11 +113,11 @@ def run_topology(topology: str) -> list[dict]:
     for name, b, l, d, n, g, dtype, passes in CASES:
         tile = bs.tpu_tile(d // g, n)
         for pass_ in passes:
-            row = dict(topology=topology, case=name, b=b, l=l, d=d, n=n, g=g, dtype=dtype, pass_=pass_,
+            row = dict(topology=topology, case=name, b=b, l=l, d=d, n=n, g=g, dtype=dtype, pass_=pass_, packed=name in PACKED,
                        block_l=bs.block_l, tile=tile,
                        vmem_estimate_bytes=tpu_vmem_bytes("bwd" if pass_ == "grad" else "fwd", bs.block_l, tile, n),
                        vmem_limit_bytes=TPU_VMEM_LIMIT_BYTES)
-            row.update(compile_case(dev, b, l, d, n, g, dtype, pass_))
+            row.update(compile_case(dev, b, l, d, n, g, dtype, pass_, packed=name in PACKED))
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
