@@ -140,7 +140,7 @@ def test_errors_name_the_problem():
 
 def test_memory_arithmetic():
     t = gpu_tiles(256, 64, 128)
-    assert (t.block_t, t.P, t.N) == (64, 64, 128)
+    assert (t.block_t, t.P, t.N) == (32, 64, 128)
     assert gpu_tiles(16, 3, 5)[2:4] == (16, 16)  # padded for tl.dot
     extra = gpu_extra_bytes(1, 2048, 24, 64, 128, 256)
     assert extra["residual_states"] == 4 * 8 * 24 * 64 * 128  # chunk-entering states only: 6 MiB
@@ -153,30 +153,31 @@ def test_memory_arithmetic():
 TRITON = lowering.CUSTOM_CALLS["triton"]
 
 
-def _mamba2_shapes(b=1, L=2048, h=24, p=64, g=1, n=128):
-    S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+def _mamba2_shapes(b=1, L=2048, h=24, p=64, g=1, n=128, bf=jnp.bfloat16):
+    S, f32 = jax.ShapeDtypeStruct, jnp.float32
     return (S((b, L, h, p), bf), S((b, L, h), bf), S((h,), f32), S((b, L, g, n), bf), S((b, L, g, n), bf),
             S((h, p), f32), S((b, L, h, p), bf), S((h,), f32), S((b, h, p, n), f32), S((b, L), jnp.int32))
 
 
-@pytest.mark.parametrize("length", [2048, 2043])
-def test_lowers_for_cuda_forward_and_gradient(length):
+@pytest.mark.parametrize("length,dtype", [(2048, "bfloat16"), (2043, "float32")])
+def test_lowers_for_cuda_forward_and_gradient(length, dtype):
     """The forward is 3 Triton calls (chunk states, state passing, chunk outputs); the
     gradient 6 (chunk states, state passing; state cotangents, reverse passing, rows,
-    columns: the forward's output call is dead code under grad)."""
+    columns: the forward's output call is dead code under grad). float32 inputs
+    lower their matmuls as three TF32 passes."""
     cfg = SsdKernelConfig(length=length, chunk=256, softplus=True, dt_limit=NO_LIMIT, interpret=False)
 
     def loss(*a):
         y, hT = ssd_gpu(cfg, *a)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(hT)
 
-    shapes = _mamba2_shapes()
+    shapes = _mamba2_shapes(bf=jnp.dtype(dtype))
     fwd = lowering.export_for("cuda", lambda *a: ssd_gpu(cfg, *a), *shapes)
     grad = lowering.export_for("cuda", jax.grad(loss, argnums=tuple(range(9))), *shapes)
     assert lowering.custom_call_targets(fwd)[TRITON] == 3
     assert lowering.custom_call_targets(grad)[TRITON] == 6
     assert [a.shape for a in fwd.out_avals] == [(1, 2048, 24, 64), (1, 24, 64, 128)]
-    assert fwd.out_avals[0].dtype == jnp.bfloat16
+    assert fwd.out_avals[0].dtype == jnp.dtype(dtype)
 
 
 def test_auto_never_embeds_the_gpu_kernel():

@@ -5,18 +5,23 @@ and ``tl.dot`` needs every matrix dimension >= 16. So the wrapper pads the head
 dimension p to ``P`` and the state size n to ``N`` (zeros: padded channels and
 state columns stay exactly zero and are cropped), and the chunk T itself must
 be a power of two >= 16. Inside a chunk the kernels work on square tiles of
-``block_t`` = min(T, 64) steps.
+``block_t`` = min(T, 32) steps.
 
-Registers (one program, 4 warps = 128 threads, float32 unless noted):
+Registers and shared memory: the tile, ``block_t`` = min(T, 32), and the warps
+per program (4; 8 for the backward's row and column kernels) were chosen by
+compiling the exported kernels to cubin for sm80 and sm90 without a GPU
+(``experiments/ssd_gpu_cubin.py``: the Triton wheel's compiler and ptxas on
+the Triton IR that ``jax.export`` embeds): with them no kernel spills
+registers at p = 64, n = 128, chunk 256, and shared memory stays far below an
+A100's or H100's. Tiles of 64 spilled in both backward kernels even at 8 warps.
+The per-kernel counts are in ``experiments/results/ssd_gpu_cubin.json``. What
+each program holds (float32 unless noted):
 
 * row kernels (chunk outputs, and the backward's dC): the (block_t, block_t)
   decay-masked ``C B^T`` tile, the (block_t, P) output accumulator, the
-  (block_t, N) dC accumulator (backward), the (P, N) entering state. At
-  block_t = 64, P = 64, N = 128: 16 + 16 + 32 + 32 KiB = 96 KiB over 128
-  threads, about 190 registers per thread before Triton's own layouts: the
-  same order as the reference's Triton chunk_scan tiles (64-128 x 64).
+  (block_t, N) dC accumulator (backward), the (P, N) entering state.
 * column kernel (dx, dB): the transposed tile, the (block_t, P) dx and
-  (block_t, N) dB accumulators, the (P, N) state cotangent: the same budget.
+  (block_t, N) dB accumulators, the (P, N) state cotangent.
 * chunk-state kernels: the (P, N) accumulator and one (block_t, P) and
   (block_t, N) input tile.
 * state passing: a (``PASS_BLOCK``,) slice of the flattened (P N) state.
@@ -30,17 +35,19 @@ HBM beyond the inputs and outputs (:func:`gpu_extra_bytes`):
 * backward, transient: the local state cotangents and the passed ones
   (2 x the states), per-head partial sums of dB and dC ``2 * 4 b L h N`` bytes
   reduced over each group's heads in XLA (at h = 24, n = 128 that is 24 KiB per
-  step and sequence, the largest term at long L).
+  step and sequence, the largest term at long L), and the row tiles' partial
+  sums of d(dt A), ``4 b h L T / block_t`` bytes.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-MAX_BLOCK_T = 64  # the square in-chunk tile (rows t x columns s)
+MAX_BLOCK_T = 32  # the square in-chunk tile (rows t x columns s)
 MIN_DOT = 16  # tl.dot's smallest matrix dimension
 PASS_BLOCK = 1024  # flattened state elements per state-passing program
 NUM_WARPS = 4
+NUM_WARPS_BACKWARD_TILES = 8  # the backward's row and column kernels
 _F32_BYTES = 4
 
 
@@ -58,7 +65,7 @@ class GpuSsdTiles(NamedTuple):
 
     Attributes:
       chunk: T, steps per chunk (power of two >= 16).
-      block_t: the in-chunk tile, min(T, 64) steps.
+      block_t: the in-chunk tile, min(T, 32) steps.
       P: the head dimension p padded to a power of two >= 16.
       N: the state size n padded to a power of two >= 16.
       pass_block: flattened (P N) state elements per state-passing program.
@@ -90,5 +97,6 @@ def gpu_extra_bytes(b: int, L: int, h: int, p: int, n: int, chunk: int) -> dict[
     return {
         "residual_states": states,
         "forward_transient": states + dt_arrays,
-        "backward_transient": 2 * states + dt_arrays + 2 * _F32_BYTES * b * L * h * t.N,
+        "backward_transient": 2 * states + dt_arrays + 2 * _F32_BYTES * b * L * h * t.N
+        + _F32_BYTES * b * h * L * (chunk // t.block_t),
     }

@@ -25,9 +25,9 @@ per in-chunk tile), and only the state passing walks the c chunks in order.
   and the columns' parts of d dt. Grid (b, c, h, T / block_t); each program
   loops over the row tiles t >= s.
 
-Every matmul accumulates in float32 (``preferred_element_type``); float32
-operands use ``Precision.HIGHEST`` (IEEE, not TF32), 16-bit inputs are
-multiplied in their own dtype as the reference's Triton kernels do.
+Every matmul accumulates in float32 (``preferred_element_type``); 16-bit
+inputs are multiplied in their own dtype as the reference's Triton kernels do,
+float32 inputs with three TF32 passes (see :func:`_cdt`).
 """
 
 from __future__ import annotations
@@ -39,20 +39,20 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.ssd.gpu_blocks import NUM_WARPS, GpuSsdTiles
+from pallas_kernels.ssd.gpu_blocks import NUM_WARPS, NUM_WARPS_BACKWARD_TILES, GpuSsdTiles
 
 _F32 = jnp.float32
 
 
-def _compiler_params(interpret):
+def _compiler_params(interpret, num_warps):
     if interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=2)
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
 
 
-def _call(kernel, *, grid, in_specs, outs, interpret, name):
+def _call(kernel, *, grid, in_specs, outs, interpret, name, num_warps=NUM_WARPS):
     out_specs, out_shape = (list(v) for v in zip(*outs))
     return pl.pallas_call(
         kernel,
@@ -60,17 +60,17 @@ def _call(kernel, *, grid, in_specs, outs, interpret, name):
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(interpret),
+        compiler_params=_compiler_params(interpret, num_warps),
         interpret=bool(interpret),
         name=name,
     )
 
 
 def _mm(a, b, cdt, *, ta=False, tb=False):
-    """a @ b (a^T if ta, b^T if tb), float32 accumulation; operands in ``cdt``."""
-    prec = lax.Precision.HIGHEST if cdt == _F32 else None
+    """a @ b (a^T if ta, b^T if tb), float32 accumulation; ``cdt`` = (operand dtype, precision)."""
+    dtype, prec = cdt
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-    return lax.dot_general(a.astype(cdt), b.astype(cdt), dims, precision=prec, preferred_element_type=_F32)
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=prec, preferred_element_type=_F32)
 
 
 def _sigmoid(v):
@@ -145,7 +145,7 @@ def chunk_outer(tiles: GpuSsdTiles, u, w, V, z, *, interpret):
     if z is not None:
         args.append(z)
         specs.append(sp.seq)
-    kernel = functools.partial(_outer_kernel, tiles=tiles, gate=z is not None, cdt=_cdt(u))
+    kernel = functools.partial(_outer_kernel, tiles=tiles, gate=z is not None, cdt=_cdt(u, interpret))
     return _call(
         kernel,
         grid=(b, nc, h),
@@ -273,8 +273,18 @@ def _pass_bwd_kernel(G_ref, dec_ref, hin_ref, dhT_ref, dS_ref, dh0_ref, dd_ref):
 # --------------------------------------------------------------------------
 
 
-def _cdt(x):
-    return x.dtype if jnp.dtype(x.dtype).itemsize == 2 else _F32
+def _cdt(x, interpret):
+    """(operand dtype, precision) of the in-kernel matmuls for inputs like ``x``.
+
+    16-bit inputs: their own dtype (tensor cores, as the reference's Triton
+    kernels). float32: three TF32 passes (``TF32_TF32_F32_X3``, float32-level
+    error on tensor cores) when compiled; IEEE float32 (``tl.dot`` as FMAs)
+    spills registers heavily in these tiles (experiments/ssd_gpu_cubin.py).
+    Interpret mode (CPU) runs ``HIGHEST``: XLA:CPU has no TF32 algorithm.
+    """
+    if jnp.dtype(x.dtype).itemsize == 2:
+        return x.dtype, None
+    return _F32, (lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
 
 
 def chunk_rows(tiles: GpuSsdTiles, x, dtp, cum, win, B, C, hin, doc, D, z, dy=None, *, interpret):
@@ -308,7 +318,7 @@ def chunk_rows(tiles: GpuSsdTiles, x, dtp, cum, win, B, C, hin, doc, D, z, dy=No
         if z is not None:
             outs.append((sp.seq_tile, jax.ShapeDtypeStruct(z.shape, z.dtype)))
     has = (doc is not None, D is not None, z is not None, bwd)
-    kernel = functools.partial(_rows_kernel, tiles=tiles, has=has, cdt=_cdt(x))
+    kernel = functools.partial(_rows_kernel, tiles=tiles, has=has, cdt=_cdt(x, interpret))
     res = _call(
         kernel,
         grid=(b, nc, h, nt),
@@ -316,6 +326,7 @@ def chunk_rows(tiles: GpuSsdTiles, x, dtp, cum, win, B, C, hin, doc, D, z, dy=No
         outs=outs,
         interpret=interpret,
         name="ssd_chunk_rows_bwd_gpu" if bwd else "ssd_chunk_rows_fwd_gpu",
+        num_warps=NUM_WARPS_BACKWARD_TILES if bwd else NUM_WARPS,
     )(*args)
     if not bwd:
         return res[0]
@@ -420,10 +431,9 @@ def chunk_cols(tiles: GpuSsdTiles, x, dtp, cum, vout, B, C, dS, doc, D, z, dy, *
     if D is not None:
         outs.append((sp.D_tile, jax.ShapeDtypeStruct((b, L // bt, h, P), _F32)))
     has = (doc is not None, D is not None, z is not None)
-    kernel = functools.partial(_cols_kernel, tiles=tiles, has=has, cdt=_cdt(x))
-    res = _call(kernel, grid=(b, nc, h, nt), in_specs=specs, outs=outs, interpret=interpret, name="ssd_chunk_cols_bwd_gpu")(
-        *args
-    )
+    kernel = functools.partial(_cols_kernel, tiles=tiles, has=has, cdt=_cdt(x, interpret))
+    res = _call(kernel, grid=(b, nc, h, nt), in_specs=specs, outs=outs, interpret=interpret,
+                name="ssd_chunk_cols_bwd_gpu", num_warps=NUM_WARPS_BACKWARD_TILES)(*args)
     return res[0], res[1], res[2], res[3], (res[4] if D is not None else None)
 
 
