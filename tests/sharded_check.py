@@ -32,6 +32,7 @@ MODELS = {
     "mamba": dict(d_model=32, n_layer=2, vocab_size=64),
     "hybrid": dict(d_model=32, n_layer=2, vocab_size=64, attn_layer_idx=(1,), attn_num_heads=8,
                    attn_num_heads_kv=8, d_intermediate=64),
+    "mamba2": dict(d_model=32, n_layer=2, vocab_size=64, layer="mamba2", d_state=16, headdim=8, chunk_size=8),
 }
 
 
@@ -122,16 +123,20 @@ def ssd_rows():
                               grad_err=tree_rel(grads, ref_grads), shard_map="shard_map" in jaxpr)), flush=True)
 
 
-QUICK = {"mamba": ["data2_fsdp2_tensor2", "fsdp2_tensor2_sequence2"], "hybrid": ["data2_fsdp2_tensor2"]}
+QUICK = {"mamba": ["data2_fsdp2_tensor2", "fsdp2_tensor2_sequence2"], "hybrid": ["data2_fsdp2_tensor2"],
+         "mamba2": ["fsdp2_tensor2_sequence2"]}
 
 
 def main():
     assert len(jax.devices()) == 8, jax.devices()
-    scan_rows()
-    ssd_rows()
+    only = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--models=")]
+    models = {m: kw for m, kw in MODELS.items() if not only or m in only[0].split(",")}
+    if "--no-ops" not in sys.argv:
+        scan_rows()
+        ssd_rows()
     layouts = QUICK if "--quick" in sys.argv else {m: list(LAYOUTS) for m in MODELS}
     batch = batch_for(0)
-    for model_name, kw in MODELS.items():
+    for model_name, kw in models.items():
         cfg = mj.MambaConfig(**kw)
         factory = lambda: mj.MambaLM(cfg, rngs=nnx.Rngs(0))
         loss0, gn0, params0, _ = step(factory(), batch)
@@ -140,7 +145,7 @@ def main():
             mesh = mjs.make_mesh(**axes)
             model = mjs.init_sharded(factory, mesh)
             init_err = tree_rel(nnx.state(model, nnx.Param), nnx.state(factory(), nnx.Param))
-            in_proj = model.layers[0].mixer.in_proj.kernel[...] if model_name == "mamba" else model.embedding.embedding[...]
+            in_proj = model.layers[0].mixer.in_proj.kernel[...] if model_name != "hybrid" else model.embedding.embedding[...]
             shard_shape = in_proj.addressable_shards[0].data.shape
             split = shard_shape != in_proj.shape or all(v == 1 for k, v in mesh.shape.items() if k in ("fsdp", "tensor"))
             with jax.set_mesh(mesh):  # the scan runs under shard_map (sequence: prefix correction)

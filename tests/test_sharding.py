@@ -43,7 +43,8 @@ def _check(rows):
 def test_layouts_match_single_device_quick():
     rows = _run("--quick")
     assert {(r["model"], r["layout"]) for r in rows if "model" in r} == {
-        ("mamba", "data2_fsdp2_tensor2"), ("mamba", "fsdp2_tensor2_sequence2"), ("hybrid", "data2_fsdp2_tensor2")
+        ("mamba", "data2_fsdp2_tensor2"), ("mamba", "fsdp2_tensor2_sequence2"), ("hybrid", "data2_fsdp2_tensor2"),
+        ("mamba2", "fsdp2_tensor2_sequence2"),
     }
     _check(rows)
 
