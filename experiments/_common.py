@@ -75,3 +75,77 @@ def save_figure(args: argparse.Namespace, name: str, fig) -> Path:
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
     return path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ceilings(matmul_n: int = 2048, copy_bytes: int = 1 << 28, repeats: int = 5) -> dict:
+    """The two ceilings every benchmark here divides by, measured now, on this device.
+
+    * ``matmul_flops_per_s``: a float32 ``matmul_n``^3 product jitted with XLA,
+      ``2 n^3`` FLOPs over the best of ``repeats``.
+    * ``copy_bytes_per_s``: a large copy, bytes read + written per second: an
+      XLA ``x + 1`` over ``copy_bytes`` with the input donated (read once, written
+      in place, no fresh pages to fault in), and on CPU also NumPy's ``copyto``;
+      the faster of the two (the stricter ceiling) is ``copy_bytes_per_s``.
+
+    Call it at the start and the end of a run on a shared machine and keep the
+    higher figures (see :func:`best_ceilings`).
+    """
+    import numpy as np
+    import jax.numpy as jnp
+
+    def best(fn):
+        fn()  # compile / fault pages in
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    a = jax.random.normal(jax.random.key(0), (matmul_n, matmul_n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    flops = 2 * matmul_n**3 / best(lambda: mm(a).block_until_ready())
+    del a
+
+    x = jnp.ones((copy_bytes // 4,), jnp.float32)
+    inc = jax.jit(lambda x: x + jnp.ones((), x.dtype), donate_argnums=0)
+    holder = [inc(x)]
+
+    def xla_copy():
+        holder[0] = inc(holder[0]).block_until_ready()
+
+    copies = {"xla_donated": 2 * copy_bytes / best(xla_copy)}
+    del holder, x
+    if jax.default_backend() == "cpu":
+        src = np.ones(copy_bytes // 4, np.float32)
+        dst = np.empty_like(src)
+        copies["numpy_copyto"] = 2 * copy_bytes / best(lambda: np.copyto(dst, src))
+        del src, dst
+    return {
+        "matmul_flops_per_s": flops,
+        "copy_bytes_per_s": max(copies.values()),
+        "copy_bytes_per_s_by_method": copies,
+        "matmul_n": matmul_n,
+        "copy_bytes": copy_bytes,
+        "repeats": repeats,
+    }
+
+
+def best_ceilings(*measured: dict) -> dict:
+    """The highest of several :func:`ceilings` measurements (the strictest ceilings),
+    with every measurement kept under ``measurements``."""
+    out = dict(max(measured, key=lambda c: c["matmul_flops_per_s"]))
+    out["copy_bytes_per_s"] = max(c["copy_bytes_per_s"] for c in measured)
+    out["measurements"] = list(measured)
+    return out

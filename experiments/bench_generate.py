@@ -10,7 +10,10 @@
 #    in chunks (incrementally: 256, then up to 1k, ...), and at each length the
 #    decode is timed from a copy of that cache; the cache size is recorded too;
 # 3. batch-1 decode against the memory-bandwidth ceiling: parameter bytes read
-#    per token over the measured large-copy bandwidth (best of NumPy and XLA).
+#    per token over the measured large-copy bandwidth (`_common.ceilings`, the
+#    helper every benchmark here shares: best of NumPy and a donated XLA copy);
+# 4. Mamba-2 at the mamba2-130m shape: the batch sweep and batch 1 against the
+#    same ceiling (its own parameter and state bytes per token).
 #
 # Decode time per step is the median interval between consecutive streamed steps
 # (the `generate` callback; an HF streamer on the HF side), so prefill is left out
@@ -38,6 +41,9 @@ from flax import nnx
 
 import mamba_jax as mj
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ceilings, cpu_model  # noqa: E402
+
 # %% Hyperparameters
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
 CONTEXTS = [256, 1024, 4096, 16384, 65536]
@@ -63,29 +69,15 @@ def best_of(fn, repeats=REPEATS):
 
 
 def copy_bandwidth(nbytes=1 << 30):
-    """Large-copy bandwidth in bytes/s (read + write): on CPU the best of NumPy and
-    an XLA copy; on an accelerator the XLA device-to-device copy."""
-    a = np.random.rand(nbytes // 4).astype(np.float32)
-    out = {}
-    if jax.default_backend() == "cpu":
-        b = np.empty_like(a)
-        np.copyto(b, a)
-        out["numpy"] = 2 * a.nbytes / best_of(lambda: np.copyto(b, a), REPEATS)
-        del b
-    x = jnp.asarray(a)
-    nb = x.nbytes
-    del a
-    # Read once, write once, in place (donated): no fresh output pages to fault in.
-    f = jax.jit(lambda x: x + jnp.ones((), x.dtype), donate_argnums=0)
-    x = f(x).block_until_ready()
-    times = []
-    for _ in range(REPEATS):
-        t = time.perf_counter()
-        x = f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    out["xla"] = 2 * nb / min(times)
-    del x
-    out["best"] = max(out.values())
+    """Large-copy bandwidth in bytes/s (read + write), from the shared ceiling helper
+    (``_common.ceilings``: an XLA copy in place with the input donated, and on CPU
+    NumPy's copyto; ``best`` is the faster)."""
+    c = ceilings(matmul_n=256, copy_bytes=nbytes, repeats=REPEATS)
+    by = c["copy_bytes_per_s_by_method"]
+    out = {"xla": by["xla_donated"]}
+    if "numpy_copyto" in by:
+        out["numpy"] = by["numpy_copyto"]
+    out["best"] = c["copy_bytes_per_s"]
     return out
 
 
@@ -206,7 +198,7 @@ def main(argv=None):
         "platform": backend,
         "device": device,
         "cpu_count": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_model(),
         "versions": {"jax": jax.__version__, "python": sys.version.split()[0]},
         "method": f"per-step time = median interval between consecutive streamed steps over {g['STEPS']} steps",
         "note": "CPU shared with other jobs: absolute times are noisy; ratios are from one run"
@@ -267,6 +259,26 @@ def main(argv=None):
     no_cb = jax_step_time_by_difference(model, 1, g["N1"], g["N2"])
     print(f"jax  batch   1 without the callback (difference of two runs): {no_cb * 1e3:.2f} ms/step", flush=True)
 
+    # 2b. Mamba-2 at the mamba2-130m shape (same depth as the Mamba-1 model): the batch sweep and
+    # batch 1 against the same bandwidth ceiling (its own weights and state bytes per token).
+    cfg2 = mj.MambaConfig.mamba2_130m()
+    model2 = mj.MambaLM(cfg2, rngs=nnx.Rngs(0))
+    bytes2 = param_bytes(model2) + 2 * model2.init_cache(1).nbytes()
+    rows2 = []
+    for b in g["BATCH_SIZES"]:
+        steps = g["STEPS"] if b < 32 else max(8, g["STEPS"] // 2)
+        step = jax_step_time(model2, b, steps)
+        rows2.append({"batch": b, "jax_s_per_step": step, "jax_tokens_per_s": b / step,
+                      "over_mamba1_tokens_per_s": (b / step) / next(r["jax_tokens_per_s"] for r in rows if r["batch"] == b)})
+        print(f"mamba2 batch {b:3d}: jax {step * 1e3:8.2f} ms/step {b / step:9.1f} tok/s", flush=True)
+    no_cb2 = jax_step_time_by_difference(model2, 1, g["N1"], g["N2"])
+    result["mamba2"] = {
+        "config": {k: getattr(cfg2, k) for k in ("d_model", "n_layer", "vocab_size", "d_state", "headdim", "expand")},
+        "param_bytes": param_bytes(model2), "bytes_per_token": bytes2, "batch_sweep": rows2,
+        "batch1_ms_per_token": rows2[0]["jax_s_per_step"] * 1e3 if rows2[0]["batch"] == 1 else None,
+        "batch1_ms_per_token_without_callback": no_cb2 * 1e3,
+    }
+
     # 3. Context sweep, JAX: prefill incrementally, time decode from a copy of the cache.
     gd, st = nnx.split(model)
 
@@ -309,6 +321,11 @@ def main(argv=None):
     print(f"copy bandwidth at the end: {bw_end['best'] / 1e9:.1f} GB/s; ceiling {ceiling_s * 1e3:.2f} ms/token", flush=True)
 
     b1 = next(r for r in rows if r["batch"] == 1)
+    m2 = result["mamba2"]
+    m2["ceiling_ms_per_token"] = m2["bytes_per_token"] / bw["best"] * 1e3
+    m2["fraction_of_bandwidth_ceiling_without_callback"] = m2["ceiling_ms_per_token"] / m2["batch1_ms_per_token_without_callback"]
+    if m2["batch1_ms_per_token"]:
+        m2["fraction_of_bandwidth_ceiling"] = m2["ceiling_ms_per_token"] / m2["batch1_ms_per_token"]
     result.update(
         batch_sweep=rows,
         context_sweep=ctx_rows,
@@ -332,6 +349,7 @@ def main(argv=None):
         wall_s=time.perf_counter() - t_start,
     )
     print(json.dumps(result["batch1"], indent=1))
+    print("mamba2:", json.dumps({k: v for k, v in result["mamba2"].items() if k != "batch_sweep"}, indent=1))
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     plot(result, stem + ".png")
@@ -352,6 +370,9 @@ def plot(result, path):
     if rows and "hf_tokens_per_s" in rows[0]:
         hf_dev = (result.get("hf") or {}).get("device", "cpu")
         ax1.plot(bs, [r["hf_tokens_per_s"] for r in rows], "s--", label=f"HF MambaForCausalLM (torch {hf_dev})")
+    if "mamba2" in result:
+        r2 = result["mamba2"]["batch_sweep"]
+        ax1.plot([r["batch"] for r in r2], [r["jax_tokens_per_s"] for r in r2], "^-", label="mamba_jax Mamba-2 (mamba2-130m)")
     ax1.axhline(1 / result["bandwidth"]["ceiling_s_per_token"], color="gray", ls=":", label="batch-1 bandwidth ceiling")
     ax1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens / s", title="Decode throughput")
     ax1.set_xticks(bs, [str(b) for b in bs])
