@@ -12,8 +12,10 @@ per program (4; 8 for the backward's row and column kernels) were chosen by
 compiling the exported kernels to cubin for sm80 and sm90 without a GPU
 (``experiments/ssd_gpu_cubin.py``: the Triton wheel's compiler and ptxas on
 the Triton IR that ``jax.export`` embeds): with them no kernel spills
-registers at p = 64, n = 128, chunk 256, and shared memory stays far below an
-A100's or H100's. Tiles of 64 spilled in both backward kernels even at 8 warps.
+registers on bf16 inputs at p = 64, n = 64 and 128, chunk 256, and shared
+memory stays far below an A100's or H100's. Tiles of 64 spilled in both
+backward kernels even at 8 warps. float32 inputs still spill in the tile
+kernels (three TF32 passes per matmul hold more operands).
 The per-kernel counts are in ``experiments/results/ssd_gpu_cubin.json``. What
 each program holds (float32 unless noted):
 
