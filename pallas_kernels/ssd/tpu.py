@@ -31,7 +31,10 @@ the state cotangent dh (p, n) in VMEM. Each chunk recomputes its masks and
 products from its saved entering state, then produces dx, dz, the cotangent
 of the raw dt (through padding, clamp, softplus), per-step contributions to dA,
 per-head dB and dC (summed over a group's heads in XLA) and accumulates dD per
-sequence. Every matmul accumulates in float32 with ``Precision.HIGHEST``.
+sequence. Every matmul accumulates in float32 with ``Precision.HIGHEST``;
+``C B^T`` takes B and C in their input dtype (for bfloat16 the products are
+exact in float32, so this equals the float32 product), every other operand is
+float32.
 """
 
 from __future__ import annotations
@@ -250,7 +253,10 @@ def _backward_call(cfg, x, dt, A, B, C, D, z, bias, states, rel, dy, dhT):
 
 
 def _dot(a, b, dims=_NN):
-    return lax.dot_general(a, b, dims, precision=_HIGHEST, preferred_element_type=_F32)
+    # Mosaic takes an fp32 contract precision only for float32 operands; bfloat16
+    # operands multiply exactly on the MXU and accumulate in float32 anyway.
+    precision = _HIGHEST if a.dtype == _F32 else None
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
 
 
 def _softplus(v):
@@ -341,7 +347,7 @@ def _forward_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, cfg, has):
     h_in = h_scr[...]  # (p, n)
     st_ref[...] = h_in
     u = x * ch.dtp_col
-    y = _dot(_dot(Cm, Bm, _NT) * ch.Lmat, u) + ch.w_in * _dot(Cm, h_in, _NT)
+    y = _dot(_dot(C_ref[...], B_ref[...], _NT) * ch.Lmat, u) + ch.w_in * _dot(Cm, h_in, _NT)
     if has["D"]:
         y = y + x * D_ref[...]
     if has["z"]:
@@ -380,7 +386,7 @@ def _backward_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, st_ref, dy_ref, dhT_ref
     dH = dh_scr[...]
     dy = dy_ref[...].astype(_F32)
     u = x * ch.dtp_col
-    M = _dot(Cm, Bm, _NT) * ch.Lmat  # (T, T)
+    M = _dot(C_ref[...], B_ref[...], _NT) * ch.Lmat  # (T, T)
     Q = _dot(Cm, h_in, _NT)  # (T, p): C_t . h_in
     if has["z"]:
         zv = z_ref[...].astype(_F32)
