@@ -164,7 +164,7 @@ def torch_rows(fn, a, cot):
     import torch
 
     dev = torch.device("cuda")
-    t = lambda v: torch.from_numpy(np.asarray(v.astype(jnp.float32))).to(dev)
+    t = lambda v: torch.from_numpy(np.array(v.astype(jnp.float32))).to(dev)  # a writable copy
     bf = lambda v: t(v).to(torch.bfloat16)
     x, dt, B, C, z = (bf(a[k]) for k in ("x", "dt", "B", "C", "z"))
     A, D, bias = t(a["A"]), t(a["D"]), t(a["dt_bias"])

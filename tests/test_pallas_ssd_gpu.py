@@ -28,6 +28,9 @@ KERNEL_TOL = {"float32": 1e-4, "bfloat16": 2e-2}  # against the float64 oracle (
 # agree to float32 rounding; bf16 operands of the in-kernel matmuls (as the
 # reference's Triton kernels use them) round at bf16's 2^-9.
 GRAD_TOL = {"float32": 1e-4, "bfloat16": 1e-2}
+# dA and dt_bias are sums over every (b, l) step of terms of both signs: their
+# relative error is the bf16 rounding amplified by that cancellation.
+SUMMED_GRAD_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 NO_LIMIT = (0.0, float("inf"))
 
 
@@ -105,7 +108,8 @@ def _check_case(name, dtype):
         assert grads[key].dtype == args[key].dtype and grads[key].shape == args[key].shape, key
         errs["d" + key] = rel_err(grads[key], ref[key])
     print(name, dtype, {k: f"{v:.1e}" for k, v in errs.items()})  # the report's error table (pytest -s)
-    bad = {k: v for k, v in errs.items() if k.startswith("d") and not v < GRAD_TOL[dtype]}
+    tol = lambda k: (SUMMED_GRAD_TOL if k in ("dA", "ddt_bias") else GRAD_TOL)[dtype]
+    bad = {k: v for k, v in errs.items() if k.startswith("d") and not v < tol(k)}
     assert not bad, bad
 
 
