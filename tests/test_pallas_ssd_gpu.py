@@ -7,6 +7,8 @@ The numerical tests go through ``pallas_kernels.ssd.ops.ssd_pallas(platform="gpu
 real (not interpreted).
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,3 +193,17 @@ def test_auto_never_embeds_the_gpu_kernel():
               S((1, 512, 1, 128), jnp.bfloat16), S((1, 512, 1, 128), jnp.bfloat16))
     exp = lowering.export_for("cuda", lambda *a: mj.ops.ssd(*a, dt_softplus=True, impl="auto"), *shapes)
     assert lowering.custom_call_targets(exp)[TRITON] == 0
+
+
+@pytest.mark.skipif(ON_GPU, reason="the message is for machines without a GPU")
+def test_gpu_benchmark_refuses_without_a_gpu(tmp_path):
+    """experiments/bench_ssd_gpu.py measures nothing and writes nothing without a GPU."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "experiments" / "bench_ssd_gpu.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0 and "bench_ssd_gpu needs a GPU" in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
