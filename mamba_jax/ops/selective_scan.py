@@ -19,9 +19,10 @@ Implementations (``impl=``):
   kernel: :func:`selective_state_update`, as ``mamba_ssm``'s
   ``selective_state_update``. The decode path.
 * ``"sequential"`` ``lax.scan`` over time carrying only the (b, d, n) state, with a
-  ``custom_vjp`` whose backward recomputes the states of each chunk of
-  ``chunk_size`` steps from saved boundary states, step by step: the fastest
-  on CPU (the working set stays in cache), O(b * l/T * d * n) training memory.
+  ``custom_vjp`` whose backward, per chunk of ``chunk_size`` steps, recomputes the
+  chunk's states from the saved boundary state and then runs one fused reverse
+  loop that computes every gradient of a step together: the fastest on CPU (the
+  working set stays in cache), O(b * l/T * d * n) training memory.
 * ``"chunked"``    sequential over chunks of ``chunk_size`` steps, parallel inside a
   chunk, with a ``custom_vjp`` that saves only the chunk-boundary states and
   recomputes the states inside each chunk in the backward pass: training memory
@@ -300,11 +301,14 @@ def _xla_selective_scan(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, d
 #
 # Both save only the states at chunk boundaries (every T steps) in the forward
 # pass and recompute the states of a chunk in the backward pass, so training
-# memory is O(b * l/T * d * n) plus one chunk. They share the backward below and
-# differ only in how a chunk's linear recurrences are run: "sequential" walks
-# the steps one at a time (small working set; the fast choice on CPU),
-# "chunked" runs associative scans over the chunk (parallel in time).
-# Inside the core, arrays are time-major per chunk: (l/T, T, b, g, p[, n]).
+# memory is O(b * l/T * d * n) plus one chunk. "chunked" (below) runs a chunk's
+# two linear recurrences (states, adjoints) as associative scans, parallel in
+# time, then the gradients as contractions over the chunk; "sequential" has its
+# own core (the next section), one fused step per loop iteration. Mode
+# "sequential_v0" of the core below is the previous sequential backward (the
+# same two recurrences as lax.scan loops), kept only so that
+# experiments/bench_train_step.py can time it beside the current one.
+# Inside the cores, arrays are time-major per chunk: (l/T, T, b, g, p[, n]).
 
 
 def _recurrence_sequential(a, b, h0, reverse=False):
@@ -341,7 +345,8 @@ def _padded(mode, u, dt, A, B, C, h0, keep, *, chunk_size):
         u, dt, B, C = padt(u), padt(dt), padt(B), padt(C)
         keep = None if keep is None else jnp.pad(keep, [(0, 0), (0, pad)], constant_values=1.0)
     chunks = lambda x: None if x is None else jnp.moveaxis(x.reshape(x.shape[0], -1, T, *x.shape[2:]), 0, 2)
-    y, hT = _chunked_core(*(chunks(x) for x in (u, dt)), A, *(chunks(x) for x in (B, C)), h0, chunks(keep), mode)
+    core = _sequential_core if mode == "sequential" else (lambda *a: _chunked_core(*a, mode))
+    y, hT = core(*(chunks(x) for x in (u, dt)), A, *(chunks(x) for x in (B, C)), h0, chunks(keep))
     y = jnp.moveaxis(y, 2, 0).reshape(u.shape)
     return y[:, :l], hT
 
@@ -359,7 +364,7 @@ def _chunked_core(u, dt, A, B, C, h0, keep, mode):
 
 
 def _chunked_fwd(u, dt, A, B, C, h0, keep, mode):
-    if mode == "sequential":  # one fused step at a time: the inference path on CPU
+    if mode.startswith("sequential"):  # one fused step at a time: the inference path on CPU
 
         def step(h, xs):
             u_t, dt_t, B_t, C_t, keep_t = xs
@@ -386,7 +391,7 @@ def _chunked_fwd(u, dt, A, B, C, h0, keep, mode):
 def _chunked_bwd(mode, res, cotangents):
     u, dt, A, B, C, keep, starts = res
     dy, dhT = cotangents
-    recurrence = _RECURRENCES[mode]
+    recurrence = _RECURRENCES[mode.removesuffix("_v0")]
 
     def chunk(carry, xs):
         dh_out, dA_acc = carry  # dh_out: gradient reaching the chunk's last state from later steps
@@ -416,3 +421,106 @@ def _chunked_bwd(mode, res, cotangents):
 
 
 _chunked_core.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# --------------------------------------------------------------------------
+# Sequential: one time step per loop iteration, forward and backward
+# --------------------------------------------------------------------------
+#
+# The state is kept as (b, g, n, p), channels innermost: every per-step
+# elementwise operation runs along contiguous channels and every contraction
+# (over n for y, du, ddt; over p for dB, dC) is a sum of whole rows or of the
+# channels of a row, the forms XLA:CPU runs fastest inside a loop. Measured
+# (experiments/bench_train_step.py): a lone reduction inside the loop becomes a
+# YNNPACK library call per step on XLA:CPU (jax 0.10), several times slower than
+# the variadic reduction and the unrolled sum used here; loop unrolling and
+# other chunk sizes did not help.
+
+
+def _swap(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _sums(xs, axis):
+    """``tuple(jnp.sum(x, axis) for x in xs)`` as one variadic reduction: one pass
+    over the operands, and XLA:CPU's own loop instead of a library call per sum."""
+    zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+    return lax.reduce(tuple(xs), zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (axis,))
+
+
+def _contract_n(h, C_t):
+    """``sum_n h C_t`` for h (b, g, n, p), C_t (b, g, n): written as n row
+    products added up, one elementwise loop (a lone reduction over n would
+    become a library call per step on XLA:CPU)."""
+    terms = [h[:, :, k] * C_t[:, :, k, None] for k in range(h.shape[2])]
+    while len(terms) > 1:  # pairwise
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _decay_np(dt_t, At, keep_t):
+    """exp(dt A) for one step: dt_t (b, g, p), At (g, n, p), keep_t (b,) or None -> (b, g, n, p)."""
+    a = jnp.exp(dt_t[:, :, None, :] * At)
+    return a if keep_t is None else a * keep_t[:, None, None, None]
+
+
+@jax.custom_vjp
+def _sequential_core(u, dt, A, B, C, h0, keep):
+    (y, hT), _ = _sequential_fwd(u, dt, A, B, C, h0, keep)
+    return y, hT
+
+
+def _sequential_fwd(u, dt, A, B, C, h0, keep):
+    At = _swap(A)
+
+    def step(h, xs):
+        u_t, dt_t, B_t, C_t, keep_t = xs
+        h = _decay_np(dt_t, At, keep_t) * h + B_t[..., None] * (dt_t * u_t)[:, :, None, :]
+        return h, _contract_n(h, C_t)
+
+    def outer(h_in, xs):
+        h_out, y = lax.scan(step, h_in, xs)
+        return h_out, (y, h_in)
+
+    hT, (y, starts) = lax.scan(outer, _swap(h0), (u, dt, B, C, keep))
+    return (y, _swap(hT)), (u, dt, At, B, C, keep, starts)
+
+
+def _sequential_bwd(res, cotangents):
+    """Per chunk, last first: one loop recomputes the states before each step
+    (from the saved boundary state), then one reverse loop computes all the
+    gradients of a step together, carrying the (b, g, n, p) adjoint. Memory: the
+    boundary states and one chunk of states."""
+    u, dt, At, B, C, keep, starts = res
+    dy, dhT = cotangents
+
+    def states(h, xs):  # emits the state before each step
+        u_t, dt_t, B_t, keep_t = xs
+        return _decay_np(dt_t, At, keep_t) * h + B_t[..., None] * (dt_t * u_t)[:, :, None, :], h
+
+    def step(carry, xs):
+        dh, dA = carry  # dh: the gradient reaching this step's state from later steps
+        u_t, dt_t, B_t, C_t, keep_t, dy_t, h_prev = xs
+        a = _decay_np(dt_t, At, keep_t)
+        dtu = dt_t * u_t
+        G = dh + C_t[..., None] * dy_t[:, :, None, :]  # gradient of this step's state
+        Gha = G * h_prev * a  # through the decay: d a / d dt = A a (the mask included)
+        h = a * h_prev + B_t[..., None] * dtu[:, :, None, :]
+        GB, GhaA = _sums((G * B_t[..., None], Gha * At), 2)
+        dB, dC = _sums((G * dtu[:, :, None, :], h * dy_t[:, :, None, :]), 3)
+        dA = dA + Gha * dt_t[:, :, None, :]  # summed over b once, after the loops
+        return (a * G, dA), (GB * dt_t, GhaA + GB * u_t, dB, dC)
+
+    def chunk(carry, xs):
+        u_c, dt_c, B_c, C_c, keep_c, dy_c, h_in = xs
+        _, h_prev = lax.scan(states, h_in, (u_c, dt_c, B_c, keep_c))
+        return lax.scan(step, carry, (u_c, dt_c, B_c, C_c, keep_c, dy_c, h_prev), reverse=True)
+
+    (dh0, dAt), (du, ddt, dB, dC) = lax.scan(
+        chunk, (_swap(dhT), jnp.zeros_like(starts[0])), (u, dt, B, C, keep, dy, starts), reverse=True
+    )
+    dkeep = None if keep is None else jnp.zeros_like(keep)  # a mask of document ids: no gradient
+    return du, ddt, _swap(jnp.sum(dAt, axis=0)), dB, dC, _swap(dh0), dkeep
+
+
+_sequential_core.defvjp(_sequential_fwd, _sequential_bwd)
