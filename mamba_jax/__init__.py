@@ -1,6 +1,6 @@
 """mamba-jax: Mamba selective state space models in JAX and Flax NNX."""
 
-from mamba_jax import ops
+from mamba_jax import ops, states
 from mamba_jax.cache import AttentionLayerCache, MambaCache, MambaLayerCache
 from mamba_jax.config import MambaConfig
 from mamba_jax.generation import GenerationConfig, generate
@@ -9,6 +9,7 @@ from mamba_jax.model import MambaLM
 
 __all__ = [
     "ops",
+    "states",
     "MambaConfig",
     "MambaLM",
     "MambaCache",
