@@ -73,6 +73,20 @@ def _mm(a, b, cdt, *, ta=False, tb=False):
     return lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=prec, preferred_element_type=_F32)
 
 
+def _cdt(x, interpret):
+    """(operand dtype, precision) of the in-kernel matmuls for inputs like ``x``.
+
+    16-bit inputs: their own dtype (tensor cores, as the reference's Triton
+    kernels). float32: three TF32 passes (``TF32_TF32_F32_X3``, float32-level
+    error on tensor cores) when compiled; IEEE float32 (``tl.dot`` as FMAs)
+    spills registers heavily in these tiles (experiments/ssd_gpu_cubin.py).
+    Interpret mode (CPU) runs ``HIGHEST``: dot_general on CPU rejects the TF32 algorithms.
+    """
+    if jnp.dtype(x.dtype).itemsize == 2:
+        return x.dtype, None
+    return _F32, (lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+
+
 def _sigmoid(v):
     return 1.0 / (1.0 + jnp.exp(-v))
 
@@ -157,7 +171,7 @@ def chunk_outer(tiles: GpuSsdTiles, u, w, V, z, *, interpret):
 
 
 def _outer_kernel(u_ref, w_ref, V_ref, *rest, tiles, gate, cdt):
-    z_ref = _pop(list(rest), gate) if gate else None
+    z_ref = rest[0] if gate else None
     out_ref = rest[-1]
     bt = tiles.block_t
 
@@ -271,20 +285,6 @@ def _pass_bwd_kernel(G_ref, dec_ref, hin_ref, dhT_ref, dS_ref, dh0_ref, dd_ref):
 # --------------------------------------------------------------------------
 # Rows: chunk outputs (forward) and the row-indexed cotangents (backward)
 # --------------------------------------------------------------------------
-
-
-def _cdt(x, interpret):
-    """(operand dtype, precision) of the in-kernel matmuls for inputs like ``x``.
-
-    16-bit inputs: their own dtype (tensor cores, as the reference's Triton
-    kernels). float32: three TF32 passes (``TF32_TF32_F32_X3``, float32-level
-    error on tensor cores) when compiled; IEEE float32 (``tl.dot`` as FMAs)
-    spills registers heavily in these tiles (experiments/ssd_gpu_cubin.py).
-    Interpret mode (CPU) runs ``HIGHEST``: XLA:CPU has no TF32 algorithm.
-    """
-    if jnp.dtype(x.dtype).itemsize == 2:
-        return x.dtype, None
-    return _F32, (lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
 
 
 def chunk_rows(tiles: GpuSsdTiles, x, dtp, cum, win, B, C, hin, doc, D, z, dy=None, *, interpret):
