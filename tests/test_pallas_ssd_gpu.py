@@ -148,6 +148,7 @@ def test_memory_arithmetic():
     t = gpu_tiles(256, 64, 128)
     assert (t.block_t, t.P, t.N) == (32, 64, 128)
     assert gpu_tiles(16, 3, 5)[2:4] == (16, 16)  # padded for tl.dot
+    assert gpu_tiles(256, 64, 128, itemsize=4).block_t == 16  # float32: smaller tiles (registers)
     extra = gpu_extra_bytes(1, 2048, 24, 64, 128, 256)
     assert extra["residual_states"] == 4 * 8 * 24 * 64 * 128  # chunk-entering states only: 6 MiB
 

@@ -66,7 +66,7 @@ def ssd_gpu(cfg: SsdKernelConfig, x, dt, A, B, C, D, z, dt_bias, h0, doc):
     _check(cfg, x, dt, A, B, C, D, z, dt_bias, h0, doc)
     b, L, h, p = x.shape
     n = B.shape[-1]
-    tiles = gpu_tiles(cfg.chunk, p, n)
+    tiles = gpu_tiles(cfg.chunk, p, n, jnp.dtype(x.dtype).itemsize)
     P, N = tiles.P, tiles.N
     pad = lambda v, dims: None if v is None else jnp.pad(v, [(0, want - have) for have, want in zip(v.shape, dims)])
     y, hT = _ssd(

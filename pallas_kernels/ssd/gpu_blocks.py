@@ -5,17 +5,18 @@ and ``tl.dot`` needs every matrix dimension >= 16. So the wrapper pads the head
 dimension p to ``P`` and the state size n to ``N`` (zeros: padded channels and
 state columns stay exactly zero and are cropped), and the chunk T itself must
 be a power of two >= 16. Inside a chunk the kernels work on square tiles of
-``block_t`` = min(T, 32) steps.
+``block_t`` = min(T, 32) steps for 16-bit inputs, min(T, 16) for float32.
 
-Registers and shared memory: the tile, ``block_t`` = min(T, 32), and the warps
-per program (4; 8 for the backward's row and column kernels) were chosen by
+Registers and shared memory: the tile ``block_t`` and the warps per program
+(4; 8 for the backward's row and column kernels) were chosen by
 compiling the exported kernels to cubin for sm80 and sm90 without a GPU
 (``experiments/ssd_gpu_cubin.py``: the Triton wheel's compiler and ptxas on
 the Triton IR that ``jax.export`` embeds): with them no kernel spills
 registers on bf16 inputs at p = 64, n = 64 and 128, chunk 256, and shared
 memory stays far below an A100's or H100's. Tiles of 64 spilled in both
-backward kernels even at 8 warps. float32 inputs still spill in the tile
-kernels (three TF32 passes per matmul hold more operands).
+backward kernels even at 8 warps. float32 inputs (three TF32 passes per
+matmul hold more operands) spilled kilobytes per thread at tiles of 32; at
+16 only the two backward tile kernels spill, a few hundred bytes.
 The per-kernel counts are in ``experiments/results/ssd_gpu_cubin.json``. What
 each program holds (float32 unless noted):
 
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-MAX_BLOCK_T = 32  # the square in-chunk tile (rows t x columns s)
+MAX_BLOCK_T = {2: 32, 4: 16}  # the square in-chunk tile (rows t x columns s), by input itemsize
 MIN_DOT = 16  # tl.dot's smallest matrix dimension
 PASS_BLOCK = 1024  # flattened state elements per state-passing program
 NUM_WARPS = 4
@@ -67,7 +68,7 @@ class GpuSsdTiles(NamedTuple):
 
     Attributes:
       chunk: T, steps per chunk (power of two >= 16).
-      block_t: the in-chunk tile, min(T, 32) steps.
+      block_t: the in-chunk tile, min(T, 32) steps (16-bit inputs) or min(T, 16) (float32).
       P: the head dimension p padded to a power of two >= 16.
       N: the state size n padded to a power of two >= 16.
       pass_block: flattened (P N) state elements per state-passing program.
@@ -80,20 +81,23 @@ class GpuSsdTiles(NamedTuple):
     pass_block: int
 
 
-def gpu_tiles(chunk: int, p: int, n: int) -> GpuSsdTiles:
-    """The tiling for chunk T, head dimension p and state size n; errors name the bad value."""
+def gpu_tiles(chunk: int, p: int, n: int, itemsize: int = 2) -> GpuSsdTiles:
+    """The tiling for chunk T, head dimension p, state size n and inputs of ``itemsize``
+    bytes (2: bf16/f16, 4: float32); errors name the bad value."""
     if not isinstance(chunk, int) or not is_pow2(chunk) or chunk < MIN_DOT:
         raise ValueError(
             f"chunk={chunk!r}: the GPU SSD kernel needs a chunk size that is a power of two >= {MIN_DOT} "
             "(Triton tensors have power-of-two shapes and tl.dot needs dimensions >= 16); use e.g. 64, 128 or 256"
         )
     P, N = next_pow2(p, MIN_DOT), next_pow2(n, MIN_DOT)
-    return GpuSsdTiles(chunk, min(chunk, MAX_BLOCK_T), P, N, min(PASS_BLOCK, P * N))
+    if itemsize not in MAX_BLOCK_T:
+        raise ValueError(f"{itemsize=}: the GPU SSD kernel takes 16-bit or float32 inputs")
+    return GpuSsdTiles(chunk, min(chunk, MAX_BLOCK_T[itemsize]), P, N, min(PASS_BLOCK, P * N))
 
 
-def gpu_extra_bytes(b: int, L: int, h: int, p: int, n: int, chunk: int) -> dict[str, int]:
+def gpu_extra_bytes(b: int, L: int, h: int, p: int, n: int, chunk: int, itemsize: int = 2) -> dict[str, int]:
     """HBM the kernels use beyond inputs and outputs, in bytes (see the module docstring)."""
-    t = gpu_tiles(chunk, p, n)
+    t = gpu_tiles(chunk, p, n, itemsize)
     states = _F32_BYTES * b * (L // chunk) * h * t.P * t.N
     dt_arrays = 2 * _F32_BYTES * b * h * L
     return {
