@@ -26,6 +26,10 @@
 # Latency is wall time per query with the queries batched as each method allows, compile
 # excluded, on a CPU shared with other jobs: compare methods within one N only.
 
+# **The committed results** used the fact model's step-1500 checkpoint of its 2500-step schedule (the
+# training was stopped there for the session's deadline): `train_fact_model` to step >= 1500, then
+# this script with `--load-only --model-step 1500`.
+
 # %%
 import sys
 import time
@@ -48,7 +52,7 @@ from mamba_jax.states import facts, library
 NAME = "06_states_library"
 
 # %% Hyperparameters
-TASK = facts.FactTaskConfig()  # the model: Mamba-1, d_model 64, 3 layers, trained 2500 steps of batch 32
+TASK = facts.FactTaskConfig()  # Mamba-1, d_model 64, 3 layers; a 2500-step schedule of batch 32
 NS = (16, 64, 256, 1024, 4096)  # library sizes
 QUERIES = 128  # questions per library size
 PROBE_TRAIN_DOCS = 4096  # documents (not in the library) the key probe is fit on
@@ -58,14 +62,15 @@ SEED = 1
 
 # %%
 args = parse_args(NAME, __doc__, extra=lambda p: (p.add_argument("--model-dir", default=None),
-                                                p.add_argument("--load-only", action="store_true")))
+                                                p.add_argument("--load-only", action="store_true"),
+                                                p.add_argument("--model-step", type=int, default=None)))
 if args.quick:
     TASK = facts.FactTaskConfig(vocab=facts.FactVocab(key_alphabet=16, n_values=8, n_filler=8), doc_len=16,
                                 d_model=16, n_layer=2, d_state=4, steps=4, batch_size=8, warmup_steps=1)
     NS, QUERIES, PROBE_TRAIN_DOCS, ROW_BATCH = (8, 16), 8, 64, 64
 model_dir = args.model_dir or (Path(args.workdir) / "model" if args.quick else ROOT / "runs" / "states_fact_model")
-if args.load_only:  # the latest checkpoint as it is (e.g. while training goes on elsewhere)
-    model, model_step = facts.load_fact_model(TASK, model_dir)
+if args.load_only:  # a checkpoint as it is (--model-step, or the latest), without training further
+    model, model_step = facts.load_fact_model(TASK, model_dir, args.model_step)
 else:
     model, model_step = facts.train_fact_model(TASK, model_dir, progress=False), TASK.steps
 vocab, V = TASK.vocab, TASK.vocab.size

@@ -20,6 +20,10 @@
 # Models: the fact model of experiment 06 (Mamba-1, 3 layers, trained), the same
 # architecture at initialisation, a 3-layer Mamba-2 and a 6-layer Mamba-1 at initialisation.
 
+# **The committed results** used the fact model's step-1500 checkpoint of its 2500-step schedule (the
+# training was stopped there for the session's deadline): `train_fact_model` to step >= 1500, then
+# this script with `--load-only --model-step 1500`.
+
 # %%
 import sys
 from pathlib import Path
@@ -43,7 +47,7 @@ from mamba_jax.states import facts
 NAME = "07_states_composition"
 
 # %% Hyperparameters
-TASK = facts.FactTaskConfig()
+TASK = facts.FactTaskConfig()  # Mamba-1, d_model 64, 3 layers; a 2500-step schedule of batch 32
 PAIRS = 256  # (A, B) document pairs
 SEED = 3
 RANDOM_MODELS = {
@@ -54,14 +58,15 @@ RANDOM_MODELS = {
 
 # %%
 args = parse_args(NAME, __doc__, extra=lambda p: (p.add_argument("--model-dir", default=None),
-                                                p.add_argument("--load-only", action="store_true")))
+                                                p.add_argument("--load-only", action="store_true"),
+                                                p.add_argument("--model-step", type=int, default=None)))
 if args.quick:
     TASK = facts.FactTaskConfig(vocab=facts.FactVocab(key_alphabet=16, n_values=8, n_filler=8), doc_len=16,
                                 d_model=16, n_layer=2, d_state=4, steps=4, batch_size=8, warmup_steps=1)
     PAIRS = 8
 model_dir = args.model_dir or (Path(args.workdir) / "model" if args.quick else ROOT / "runs" / "states_fact_model")
-if args.load_only:  # the latest checkpoint as it is (e.g. while training goes on elsewhere)
-    trained, model_step = facts.load_fact_model(TASK, model_dir)
+if args.load_only:  # a checkpoint as it is (--model-step, or the latest), without training further
+    trained, model_step = facts.load_fact_model(TASK, model_dir, args.model_step)
 else:
     trained, model_step = facts.train_fact_model(TASK, model_dir, progress=False), TASK.steps
 models = {"mamba1_trained": trained}

@@ -226,9 +226,9 @@ def train_fact_model(task: FactTaskConfig, workdir, *, progress: bool = True, ch
     return model
 
 
-def load_fact_model(task: FactTaskConfig, workdir):
-    """The task's model from the latest checkpoint in ``workdir`` without training further:
-    ``(model, step)``. FileNotFoundError when there is none."""
+def load_fact_model(task: FactTaskConfig, workdir, step: int | None = None):
+    """The task's model from a checkpoint in ``workdir`` (``step``, or the latest) without
+    training further: ``(model, step)``. FileNotFoundError when there is none."""
     from pathlib import Path
 
     from flax import nnx
@@ -239,7 +239,7 @@ def load_fact_model(task: FactTaskConfig, workdir):
     model = MambaLM(task.model_config(), rngs=nnx.Rngs(task.seed))
     manager = CheckpointManager(Path(workdir) / "checkpoints")
     try:
-        restored = manager.restore(model)
+        restored = manager.restore(model, step=step)
     finally:
         manager.close()
     if restored is None:
