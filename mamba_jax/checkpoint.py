@@ -435,7 +435,14 @@ def _abstract(tree):
 
 
 def _with_sharding(tree, sharding):
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # Leaves without a target sharding (RNG keys, counters) go where the others are:
+    # replicated over their mesh when the target is sharded (a multi-process run cannot
+    # read into one process's device), else onto the first local device.
+    meshes = [x.sharding.mesh for x in jax.tree.leaves(tree) if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)]
+    if meshes:
+        default = jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
+    else:
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def place(path, leaf):
         if sharding is None:

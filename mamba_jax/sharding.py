@@ -222,6 +222,18 @@ def shard_batch(batch: Mapping[str, jax.Array], mesh: Mesh) -> dict:
     return out
 
 
+def replicate(x, mesh: Mesh) -> jax.Array:
+    """``x`` (the same value on every process, a typed PRNG key too) replicated over ``mesh``,
+    in a multi-process run as well (where ``jax.device_put`` refuses devices of other processes)."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    if jax.numpy.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(replicate(jax.random.key_data(x), mesh), impl=jax.random.key_impl(x))
+    data = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, data, data.shape)
+
+
 def place_state(state, mesh: Mesh):
     """Every leaf of a pytree on ``mesh``: a leaf already carrying a ``NamedSharding`` of
     this mesh keeps it, any other (an optimizer's step count, RNG counters) is replicated.

@@ -339,6 +339,9 @@ class Trainer:
 
         self._state, self._state_shardings = mjs.place_state(self._state, self.mesh)
         self._sync()
+        # The run's key replicated on the mesh: a checkpoint of several processes cannot
+        # hold an array that lives on one process's device.
+        self.rng = mjs.replicate(self.rng, self.mesh)
 
     def _sharded_step(self):
         from jax.sharding import NamedSharding, PartitionSpec

@@ -105,3 +105,33 @@ def test_flag_errors(tmp_path):
     args.data = str(tmp_path / "f.npy")
     with pytest.raises(ValueError, match="integer token ids"):
         train_lm.make_data(args)
+
+
+@pytest.mark.slow
+def test_multiprocess_checkpoint_resumes_in_one_process(tmp_path):
+    """2 processes x 4 devices save checkpoints (each process its shards); the step-2
+    checkpoint resumes in 1 process x 8 devices on another mesh with the same losses."""
+    text = tmp_path / "text.txt"
+    text.write_bytes(Path(json.__file__).read_bytes() * 4)
+    port = _free_port()
+    procs = [
+        _launch(tmp_path / "run", text, 4, "--checkpoint-every", "2", "--steps", "4", "--coordinator",
+                f"localhost:{port}", "--num-processes", "2", "--process-id", str(i))
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-4000:]
+    two = _losses(tmp_path / "run")
+    assert sorted(two) == [1, 2, 3, 4]
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
+    one = _launch(tmp_path / "run", text, 8, "--checkpoint-every", "2", "--steps", "4", "--mesh", "fsdp=8")
+    _, err = one.communicate(timeout=900)
+    assert one.returncode == 0, err[-4000:]
+    resumed = _losses(tmp_path / "run")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    errs = [abs(resumed[s] - two[s]) / abs(two[s]) for s in (3, 4)]
+    print("resumed in 1 process x fsdp8 vs 2 processes x (data2, fsdp4), steps 3-4:", errs)
+    assert max(errs) < TOL, (two, resumed)
