@@ -125,3 +125,18 @@ def test_scan_layers_and_remat_errors():
         mj.MambaConfig(d_model=32, n_layer=2, vocab_size=64, remat="some")
     with pytest.raises(ValueError, match="scan_layers=1"):
         mj.MambaConfig(d_model=32, n_layer=2, vocab_size=64, scan_layers=1)
+
+
+@pytest.mark.slow
+def test_aot_pod_quick_compiles_for_tpu(tmp_path):
+    """experiments/aot_pod.py --quick: the sharded train step (scan_layers + remat, fsdp4) of a
+    tiny model compiles with libtpu for v5e:2x2 and reports memory and kernel calls."""
+    pytest.importorskip("libtpu", reason="libtpu (the tpu extra) is not installed")
+    out = tmp_path / "aot.json"
+    script = Path(__file__).parents[1] / "experiments" / "aot_pod.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)], capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (row,) = json.loads(out.read_text())["tpu_rows"]
+    assert row["ok"], row
+    assert row["kernel_calls"] >= 2 and row["total_bytes"] > 0 and row["mesh"]["fsdp"] == 4, row
