@@ -157,17 +157,21 @@ def run_cpu_layouts() -> list[dict]:
 
 def table(rows) -> str:
     gib = lambda b: f"{b / 2**30:.2f}"
-    out = ["| case | mesh | params | args GiB/chip | temp GiB/chip | total GiB/chip | TFLOP/chip (XLA cost analysis*) "
-           "| TFLOP/chip (6ND estimate) | compile s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    # total (arguments + temporaries + unaliased outputs) against the chip's HBM; the
+    # compiler itself refuses a program whose temporaries alone exceed it.
+    fits = lambda r: "" if "hbm_gib" not in r else ("yes" if r["total_bytes"] <= r["hbm_gib"] * 2**30 else "NO (total > HBM)")
+    out = ["| case | mesh | params | args GiB/chip | temp GiB/chip | total GiB/chip | within HBM | "
+           "TFLOP/chip (XLA cost analysis*) | TFLOP/chip (6ND estimate) | compile s |",
+           "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1)
         if not r["ok"]:
-            out.append(f"| {r['case']} | {mesh} | | | | does not compile: {r['error'][:120]} | | | {r['compile_s']} |")
+            out.append(f"| {r['case']} | {mesh} | | | | does not compile: {r['error'][:120]} | no | | | {r['compile_s']} |")
             continue
         est = r.get("model_flops_estimate_per_chip")
         out.append(
             f"| {r['case']} | {mesh} | {r['params'] / 1e9:.2f} B | {gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} "
-            f"| {gib(r['total_bytes'])} | {r['flops_per_chip'] / 1e12:.1f} | {'' if est is None else f'{est / 1e12:.1f}'} "
+            f"| {gib(r['total_bytes'])} | {fits(r)} | {r['flops_per_chip'] / 1e12:.1f} | {'' if est is None else f'{est / 1e12:.1f}'} "
             f"| {r['compile_s']} |"
         )
     return "\n".join(out)
