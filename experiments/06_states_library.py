@@ -44,7 +44,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, parse_args, save_figure, write_results
+from _common import fact_model, fact_model_flags, parse_args, save_figure, write_results
 
 from mamba_jax import states
 from mamba_jax.states import facts, library
@@ -61,18 +61,10 @@ ROW_BATCH = 1024  # (query, state) rows per forward call
 SEED = 1
 
 # %%
-args = parse_args(NAME, __doc__, extra=lambda p: (p.add_argument("--model-dir", default=None),
-                                                p.add_argument("--load-only", action="store_true"),
-                                                p.add_argument("--model-step", type=int, default=None)))
+args = parse_args(NAME, __doc__, extra=fact_model_flags)
 if args.quick:
-    TASK = facts.FactTaskConfig(vocab=facts.FactVocab(key_alphabet=16, n_values=8, n_filler=8), doc_len=16,
-                                d_model=16, n_layer=2, d_state=4, steps=4, batch_size=8, warmup_steps=1)
     NS, QUERIES, PROBE_TRAIN_DOCS, ROW_BATCH = (8, 16), 8, 64, 64
-model_dir = args.model_dir or (Path(args.workdir) / "model" if args.quick else ROOT / "runs" / "states_fact_model")
-if args.load_only:  # a checkpoint as it is (--model-step, or the latest), without training further
-    model, model_step = facts.load_fact_model(TASK, model_dir, args.model_step)
-else:
-    model, model_step = facts.train_fact_model(TASK, model_dir, progress=False), TASK.steps
+TASK, model, model_step = fact_model(args, TASK)
 vocab, V = TASK.vocab, TASK.vocab.size
 rng = np.random.default_rng(SEED)
 lib_docs = facts.make_docs(rng, vocab, max(NS), TASK.doc_len, TASK.facts_per_doc)

@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, parse_args, save_figure, write_results
+from _common import fact_model, fact_model_flags, parse_args, save_figure, write_results
 
 import mamba_jax as mj
 from mamba_jax import states
@@ -57,18 +57,10 @@ RANDOM_MODELS = {
 }
 
 # %%
-args = parse_args(NAME, __doc__, extra=lambda p: (p.add_argument("--model-dir", default=None),
-                                                p.add_argument("--load-only", action="store_true"),
-                                                p.add_argument("--model-step", type=int, default=None)))
+args = parse_args(NAME, __doc__, extra=fact_model_flags)
 if args.quick:
-    TASK = facts.FactTaskConfig(vocab=facts.FactVocab(key_alphabet=16, n_values=8, n_filler=8), doc_len=16,
-                                d_model=16, n_layer=2, d_state=4, steps=4, batch_size=8, warmup_steps=1)
     PAIRS = 8
-model_dir = args.model_dir or (Path(args.workdir) / "model" if args.quick else ROOT / "runs" / "states_fact_model")
-if args.load_only:  # a checkpoint as it is (--model-step, or the latest), without training further
-    trained, model_step = facts.load_fact_model(TASK, model_dir, args.model_step)
-else:
-    trained, model_step = facts.train_fact_model(TASK, model_dir, progress=False), TASK.steps
+TASK, trained, model_step = fact_model(args, TASK)
 models = {"mamba1_trained": trained}
 for name, cfg in RANDOM_MODELS.items():
     models[name] = mj.MambaLM(cfg(TASK), rngs=nnx.Rngs(0))

@@ -48,6 +48,29 @@ def parse_args(name: str, description: str | None = None, extra=None) -> argpars
     return args
 
 
+def fact_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the states experiments (06-08) that share one trained fact-task model."""
+    parser.add_argument("--model-dir", default=None, help="the fact model's run (default runs/states_fact_model)")
+    parser.add_argument("--load-only", action="store_true", help="use a checkpoint as it is, without training further")
+    parser.add_argument("--model-step", type=int, default=None, help="with --load-only: this step (default: the latest)")
+
+
+def fact_model(args: argparse.Namespace, task):
+    """``(task, model, step)``: the states experiments' fact-task model, trained (resuming
+    from its checkpoints) or, with ``--load-only``, loaded as it is; ``--quick`` swaps in the
+    tiny task of ``FactTaskConfig.quick()`` trained in the run's temporary workdir."""
+    from mamba_jax.states import facts
+
+    if args.quick:
+        task = facts.FactTaskConfig.quick()
+    model_dir = args.model_dir or (Path(args.workdir) / "model" if args.quick else ROOT / "runs" / "states_fact_model")
+    if args.load_only:
+        model, step = facts.load_fact_model(task, model_dir, args.model_step)
+    else:
+        model, step = facts.train_fact_model(task, model_dir, progress=False), task.steps
+    return task, model, step
+
+
 def environment() -> dict:
     return {
         "jax": jax.__version__,

@@ -142,18 +142,23 @@ def main():
     rows = []
     for topology in args.topology or TOPOLOGIES:
         rows += run_topology(topology)
+    return save_rows("tpu_compile", rows, table(rows), args.json)
+
+
+def save_rows(experiment: str, rows: list[dict], table_text: str, path: str) -> int:
+    """Writes the compile table's JSON, prints it; the exit status is 0 only if every case compiled."""
     payload = {
-        "experiment": "tpu_compile",
+        "experiment": experiment,
         "jax": jax.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "note": "deviceless AOT compile with libtpu on a CPU host; nothing was run on a TPU",
         "rows": rows,
-        "table": table(rows),
+        "table": table_text,
     }
-    with open(args.json, "w") as f:
+    with open(path, "w") as f:
         json.dump(payload, f, indent=1)
-    print(payload["table"])
-    print(f"wrote {args.json}")
+    print(table_text)
+    print(f"wrote {path}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mamba_jax as mj  # noqa: E402
 from pallas_kernels.ssd.block_sizes import TPU_VMEM_LIMIT_BYTES, tpu_vmem_bytes  # noqa: E402
 from pallas_kernels.ssd.ops import kernel_chunk  # noqa: E402
+from tpu_compile import save_rows  # noqa: E402
 
 # Hyperparameters --------------------------------------------------------------
 TOPOLOGIES = ("v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2")
@@ -164,19 +165,7 @@ def main():
     rows = []
     for topology in args.topology or TOPOLOGIES:
         rows += run_topology(topology, ci=args.ci, compare=args.compare_chunked)
-    payload = {
-        "experiment": "tpu_compile_ssd",
-        "jax": jax.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "note": "deviceless AOT compile with libtpu on a CPU host; nothing was run on a TPU",
-        "rows": rows,
-        "table": table(rows),
-    }
-    with open(args.json, "w") as f:
-        json.dump(payload, f, indent=1)
-    print(payload["table"])
-    print(f"wrote {args.json}")
-    return 0 if all(r["ok"] for r in rows) else 1
+    return save_rows("tpu_compile_ssd", rows, table(rows), args.json)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,12 @@ class FactTaskConfig:
     warmup_steps: int = 100
     seed: int = 0
 
+    @classmethod
+    def quick(cls) -> "FactTaskConfig":
+        """A seconds-long version (the experiments' ``--quick`` smoke runs)."""
+        return cls(vocab=FactVocab(key_alphabet=16, n_values=8, n_filler=8), doc_len=16,
+                   d_model=16, n_layer=2, d_state=4, steps=4, batch_size=8, warmup_steps=1)
+
     def model_config(self):
         from mamba_jax.config import MambaConfig
 
