@@ -351,6 +351,57 @@ def sharded_selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, delta_s
     )(*(args[i] for i in present))
 
 
+def sharded_causal_conv1d(conv_fn, x, kernel, bias, seq_idx):
+    """``conv_fn`` (:func:`mamba_jax.ops.causal_conv1d`, with its ``conv_state`` argument) run
+    under ``shard_map`` on the active mesh with time split over ``sequence``: each shard
+    takes the last ``k - 1`` inputs of the previous shard (its halo) through one
+    ``lax.ppermute`` and continues from them as from a conv state; the first shard
+    gets zeros. With ``seq_idx`` the halo's document ids travel too, and halo inputs
+    of another document than the shard's first one are zeroed, so nothing crosses a
+    document boundary at a shard boundary either. Batch over ``data`` x ``fsdp``,
+    channels over ``tensor`` when they divide (otherwise replicated). Without this,
+    XLA would gather the whole time axis around the convolution.
+
+    Returns ``y`` (b, l, d), or None when the mesh does not split time here (no
+    ``sequence`` axis, l not divisible, or shards shorter than the halo): the caller
+    then runs ``conv_fn`` as it is.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    mesh = active_mesh()
+    b, l, d = x.shape
+    k = kernel.shape[0]
+    seq = mesh.shape["sequence"]
+    if seq == 1 or l % seq or l // seq < k - 1 or k == 1:
+        return None
+    batch_axes = BATCH_AXES if b % math.prod(mesh.shape[a] for a in BATCH_AXES) == 0 else None
+    chan = "tensor" if d % mesh.shape["tensor"] == 0 else None
+    args = (x, kernel, bias, seq_idx)
+    specs = (P(batch_axes, "sequence", chan), P(None, chan), P(chan), P(batch_axes, "sequence"))
+    present = [i for i, a in enumerate(args) if a is not None]
+    shift = [(i, i + 1) for i in range(seq - 1)]  # shard i sends to i + 1; shard 0 receives zeros
+
+    def body(*local):
+        full = [None] * len(args)
+        for i, a in zip(present, local):
+            full[i] = a
+        x_, w_, b_, s_ = full
+        halo = jax.lax.ppermute(x_[:, -(k - 1) :], "sequence", shift)
+        if s_ is not None:
+            halo_doc = jax.lax.ppermute(s_[:, -(k - 1) :], "sequence", shift)
+            same = (halo_doc == s_[:, :1])[..., None]
+            halo = jax.numpy.where(same, halo, jax.numpy.zeros_like(halo))
+        y, _ = conv_fn(x_, w_, b_, halo, s_)
+        return y
+
+    return jax.shard_map(
+        body,
+        in_specs=tuple(specs[i] for i in present),
+        out_specs=specs[0],
+        check_vma=False,  # the kernel's and bias' cotangents are summed over the shards that share them
+    )(*(args[i] for i in present))
+
+
 def sharded_ssd(ssd_fn, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *, chunk_size, dt_softplus, dt_limit, impl):
     """``mamba_jax.ops.ssd`` (passed as ``ssd_fn``) under ``shard_map`` on the active mesh:
     heads over ``tensor`` (no communication; B and C follow when their groups split

@@ -123,6 +123,33 @@ def ssd_rows():
                               grad_err=tree_rel(grads, ref_grads), shard_map="shard_map" in jaxpr)), flush=True)
 
 
+def conv_rows():
+    """causal_conv1d with time over sequence (the halo from the previous shard through a
+    collective permute) against the unsharded convolution: outputs and every gradient,
+    without and with packed documents (a boundary on a shard boundary, one just after
+    it, a one-token document)."""
+    b, l, d, k = 2, 32, 16, 4
+    kx, kw, kb, kc = jax.random.split(jax.random.key(4), 4)
+    x, w, bias = jax.random.normal(kx, (b, l, d)), jax.random.normal(kw, (k, d)), jax.random.normal(kb, (d,))
+    docs = jnp.asarray(np.stack([np.repeat(np.arange(5), [8, 1, 7, 1, 15]), np.repeat(np.arange(2), [23, 9])]))
+    cot = jax.random.normal(kc, (b, l, d))
+    for seq_idx in (None, docs.astype(jnp.int32)):
+        def loss(x, w, bias):
+            y = mj.ops.causal_conv1d(x, w, bias, seq_idx=seq_idx)
+            return jnp.sum(y * cot), y
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+        ref_grads, ref_out = grad(x, w, bias)
+        for axes in (dict(sequence=8), dict(tensor=2, sequence=4)):
+            mesh = mjs.make_mesh(**axes)
+            with jax.set_mesh(mesh):
+                grads, out = grad(x, w, bias)
+                hlo = grad.lower(x, w, bias).as_text()
+            print(json.dumps(dict(scan="conv_halo", docs=seq_idx is not None, mesh=dict(mesh.shape),
+                                  out_err=tree_rel(out, ref_out), grad_err=tree_rel(grads, ref_grads),
+                                  shard_map="collective_permute" in hlo)), flush=True)
+
+
 QUICK = {"mamba": ["data2_fsdp2_tensor2", "fsdp2_tensor2_sequence2"], "hybrid": ["data2_fsdp2_tensor2"],
          "mamba2": ["fsdp2_tensor2_sequence2"]}
 
@@ -134,6 +161,7 @@ def main():
     if "--no-ops" not in sys.argv:
         scan_rows()
         ssd_rows()
+        conv_rows()
     layouts = QUICK if "--quick" in sys.argv else {m: list(LAYOUTS) for m in MODELS}
     batch = batch_for(0)
     for model_name, kw in models.items():

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from mamba_jax import sharding
+
 from mamba_jax.typing import Array, Float, Int
 
 
@@ -59,6 +61,10 @@ def causal_conv1d(
         raise ValueError(f"seq_idx must be an int array of shape (b, l)={(b, l)}, got {seq_idx.dtype} {tuple(seq_idx.shape)}")
     kernel = kernel.astype(x.dtype)
     if conv_state is None:
+        if sharding.active_mesh() is not None:  # under jax.set_mesh: time split over sequence with a halo
+            y = sharding.sharded_causal_conv1d(causal_conv1d, x, kernel, bias, seq_idx)
+            if y is not None:
+                return y
         xp = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
     else:
         xp = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)
