@@ -93,7 +93,8 @@ def ssd_rows():
     """ssd under shard_map (heads over tensor with grouped B/C, batch over data, time over
     sequence with the prefix correction) with an initial state, D, z, dt_bias, a dt clamp
     and packed documents (one starting exactly at a shard boundary) against the unsharded
-    reference: outputs and every gradient."""
+    reference: outputs and every gradient; the chunked XLA path and the Pallas kernel (on
+    CPU the TPU kernel interpreted; chunk 16, which every platform's kernel takes)."""
     b, l, h, p, g, n = 2, 32, 4, 8, 2, 8
     ks = jax.random.split(jax.random.key(2), 9)
     args = dict(
@@ -108,19 +109,20 @@ def ssd_rows():
     w = jax.random.normal(jax.random.key(3), (b, l, h, p))
 
     def loss(impl, *values):
-        y, s = mj.ops.ssd(**dict(zip(names, values)), chunk_size=8, dt_softplus=True, dt_limit=(1e-3, 0.5),
+        y, s = mj.ops.ssd(**dict(zip(names, values)), chunk_size=16, dt_softplus=True, dt_limit=(1e-3, 0.5),
                           seq_idx=seq_idx, return_final_state=True, impl=impl)
         return jnp.sum(y * w) + jnp.sum(s * s), (y, s)
 
     grad = lambda impl: jax.jit(jax.grad(lambda *v: loss(impl, *v), argnums=tuple(range(len(names))), has_aux=True))
     ref_grads, ref_out = grad("reference")(*args.values())
-    for axes in (dict(tensor=2, sequence=4), dict(data=2, sequence=4)):
-        mesh = mjs.make_mesh(**axes)
-        with jax.set_mesh(mesh):
-            grads, out = grad("chunked")(*args.values())
-            jaxpr = str(jax.make_jaxpr(lambda *v: loss("chunked", *v))(*args.values()))
-        print(json.dumps(dict(scan="ssd_chunked", mesh=dict(mesh.shape), out_err=tree_rel(out, ref_out),
-                              grad_err=tree_rel(grads, ref_grads), shard_map="shard_map" in jaxpr)), flush=True)
+    for impl in ("chunked", "pallas"):
+        for axes in (dict(tensor=2, sequence=4), dict(data=2, sequence=4)):
+            mesh = mjs.make_mesh(**axes)
+            with jax.set_mesh(mesh):
+                grads, out = grad(impl)(*args.values())
+                jaxpr = str(jax.make_jaxpr(lambda *v: loss(impl, *v))(*args.values()))
+            print(json.dumps(dict(scan=f"ssd_{impl}", mesh=dict(mesh.shape), out_err=tree_rel(out, ref_out),
+                                  grad_err=tree_rel(grads, ref_grads), shard_map="shard_map" in jaxpr)), flush=True)
 
 
 def conv_rows():
