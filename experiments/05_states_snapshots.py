@@ -136,5 +136,4 @@ axes[0].set_ylabel("time relative to a plain prefill")
 axes[1].set_yscale("log")
 axes[1].set_ylabel("MiB of snapshots")
 fig.suptitle(f"Snapshots every K tokens of a {LENGTH}-token prefill (CPU, under load)")
-if not args.quick:
-    save_figure(args, NAME, fig)
+save_figure(args, NAME, fig)  # --quick: into its temporary --out

@@ -192,5 +192,4 @@ axes[1].set_yscale("log")
 axes[2].set_yscale("log")
 axes[0].legend(fontsize=7)
 fig.suptitle(f"State search vs BM25 text retrieval on buried key-value facts (in-context answer accuracy {in_context:.1%})")
-if not args.quick:
-    save_figure(args, NAME, fig)
+save_figure(args, NAME, fig)  # --quick: into its temporary --out

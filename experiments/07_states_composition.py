@@ -132,5 +132,4 @@ for ax, (name, out) in zip(np.atleast_1d(axes), results.items()):
     ax.set_xlabel("layer")
 np.atleast_1d(axes)[0].set_ylabel("relative state error vs running A+B")
 np.atleast_1d(axes)[0].legend(fontsize=7)
-if not args.quick:
-    save_figure(args, NAME, fig)
+save_figure(args, NAME, fig)  # --quick: into its temporary --out

@@ -149,5 +149,4 @@ axes[2].hist(np.log10(np.asarray(hl_init[0]).ravel()), bins=40, histtype="step",
 axes[2].set_xlabel("log10 half-life (tokens)")
 axes[2].set_title("per-channel half-lives")
 axes[2].legend(fontsize=7)
-if not args.quick:
-    save_figure(args, NAME, fig)
+save_figure(args, NAME, fig)  # --quick: into its temporary --out

@@ -1,13 +1,7 @@
 """mamba_jax.states: save/load/resume, fingerprints, stack/select, snapshots, composition, probes, library."""
 
 import functools
-import json
 import math
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +15,6 @@ import mamba_jax as mj
 from mamba_jax import states
 from mamba_jax.states import facts, library, probes
 
-ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
     "mamba1": dict(d_model=16, n_layer=2, d_state=4, vocab_size=40),
@@ -390,25 +383,3 @@ def test_fact_docs_have_distinct_keys_and_well_formed_facts():
     batch = facts.training_batch(np.random.default_rng(1), vocab, 4, 16, 2)
     w = batch["weights"][0]
     assert w.sum() == 6 and batch["targets"][0][np.flatnonzero(w)[2]] in range(vocab.value_start, vocab.filler_start)
-
-
-# --------------------------------------------------------------------------- experiments (smoke)
-
-
-@pytest.fixture(scope="module")
-def _shared_model_dir():
-    with tempfile.TemporaryDirectory(prefix="states_fact_model_") as d:
-        yield d
-
-
-@pytest.mark.parametrize("name", ["05_states_snapshots", "06_states_library", "07_states_composition", "08_states_probes"])
-def test_experiment_quick_runs(name, tmp_path, _shared_model_dir):
-    """Each states experiment runs end to end with --quick (a tiny model trained for 4 steps, shared)."""
-    cmd = [sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--quick", "--out", str(tmp_path)]
-    if name != "05_states_snapshots":
-        cmd += ["--model-dir", _shared_model_dir]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    result = json.loads((tmp_path / f"{name}.json").read_text())
-    assert result["quick"] is True and result["experiment"] == name
