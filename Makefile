@@ -73,6 +73,7 @@ test-all: $(VENV)/.installed-test+parity+tpu+experiments
 bench: $(VENV)/.installed-bench+experiments
 	$(BIN)/python experiments/bench_scan.py
 	$(BIN)/python experiments/bench_forward.py
+	$(BIN)/python experiments/bench_train_step.py
 
 clean:
 	rm -rf $(VENV) $(VENV312) .pytest_cache checkpoints
