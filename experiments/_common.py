@@ -100,6 +100,16 @@ def save_figure(args: argparse.Namespace, name: str, fig) -> Path:
     return path
 
 
+def best_of(fn, repeats: int) -> float:
+    """The shortest of ``repeats`` wall times of ``fn()``, in seconds (no warm-up call)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
     try:
@@ -129,12 +139,7 @@ def ceilings(matmul_n: int = 2048, copy_bytes: int = 1 << 28, repeats: int = 5) 
 
     def best(fn):
         fn()  # compile / fault pages in
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
+        return best_of(fn, repeats)
 
     a = jax.random.normal(jax.random.key(0), (matmul_n, matmul_n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)

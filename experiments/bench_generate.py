@@ -42,7 +42,7 @@ from flax import nnx
 import mamba_jax as mj
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ceilings, cpu_model  # noqa: E402
+from _common import best_of, ceilings, cpu_model  # noqa: E402
 
 # %% Hyperparameters
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
@@ -59,15 +59,6 @@ OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # %% Helpers
-def best_of(fn, repeats=REPEATS):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def copy_bandwidth(nbytes=1 << 30):
     """Large-copy bandwidth in bytes/s (read + write), from the shared ceiling helper
     (``_common.ceilings``: an XLA copy in place with the input donated, and on CPU
