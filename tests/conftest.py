@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 # Any implicit mixing of dtypes (bf16 with f32, int with float) is a bug here.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -246,3 +247,11 @@ def teacher_forced_greedy(forward, prompts, steps, length, vocab):
         for r, s in enumerate(seqs):
             s.append(int(np.argmax(logits[r, len(s) - 1, :vocab])))
     return [s[len(p) :] for s, p in zip(seqs, prompts)]
+
+
+@pytest.fixture(scope="module")
+def print_measured(request):
+    """Prints the module's ``MEASURED`` dict (parity errors) at the module's end (run with -s to see them)."""
+    yield
+    for k, v in sorted(request.module.MEASURED.items()):
+        print(f"PARITY {k}: {v:.3e}")

@@ -91,13 +91,7 @@ HF_CASES = {
 }
 MEASURED: dict[str, float] = {}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_measured():
-    """Prints the parity errors measured in this module at its end (run with -s to see them)."""
-    yield
-    for k, v in sorted(MEASURED.items()):
-        print(f"PARITY {k}: {v:.3e}")
+pytestmark = pytest.mark.usefixtures("print_measured")
 
 
 @pytest.mark.parametrize("case", list(HF_CASES))

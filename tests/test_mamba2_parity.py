@@ -23,13 +23,7 @@ PARITY_TOL = 1e-4  # float32 logits vs transformers, relative error (as test_int
 transformers.logging.set_verbosity_error()
 MEASURED: dict[str, float] = {}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_measured():
-    """Prints the parity errors measured in this module at its end (run with -s to see them)."""
-    yield
-    for k, v in sorted(MEASURED.items()):
-        print(f"PARITY {k}: {v:.3e}")
+pytestmark = pytest.mark.usefixtures("print_measured")
 
 
 # --------------------------------------------------------------------------- checkpoints vs transformers
