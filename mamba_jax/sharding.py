@@ -264,6 +264,28 @@ def active_mesh():
     return mesh
 
 
+def _shard_map_present(body, args, in_specs, out_specs):
+    """``jax.shard_map`` of ``body(*args)`` where absent optional inputs are None: only the
+    present ones are mapped (with their ``in_specs``), and ``body`` gets the full tuple back
+    with None in the absent places.
+
+    ``check_vma=False``: the implementations' loop carries are not annotated with the axes
+    they vary over; without the check, shard_map's transpose sums the cotangents of the
+    replicated inputs (A, D, biases, conv kernels, ...) over the axes they are replicated on.
+    """
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def mapped(*local):
+        full = [None] * len(args)
+        for i, a in zip(present, local):
+            full[i] = a
+        return body(*full)
+
+    return jax.shard_map(
+        mapped, in_specs=tuple(in_specs[i] for i in present), out_specs=out_specs, check_vma=False
+    )(*(args[i] for i in present))
+
+
 def sharded_selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, keep=None):
     """``scan_fn`` (any implementation: ``(y, final_state) = scan_fn(u, delta, A, B, C, D, z,
     delta_bias, delta_softplus, initial_state, keep)``, B and C grouped (b, l, g, n); ``keep``
@@ -310,13 +332,8 @@ def sharded_selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, delta_s
     }
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, keep)
     kinds = ("seq", "seq", "A", "bc", "bc", "vec", "seq", "vec", "state", "time")
-    present = [i for i, x in enumerate(args) if x is not None]
 
-    def body(*local):
-        full = [None] * len(args)
-        for i, x in zip(present, local):
-            full[i] = x
-        u_, delta_, A_, B_, C_, D_, z_, bias_, h0_, keep_ = full
+    def body(u_, delta_, A_, B_, C_, D_, z_, bias_, h0_, keep_):
         if seq == 1:
             return scan_fn(u_, delta_, A_, B_, C_, D_, z_, bias_, delta_softplus, h0_, keep_)
         _, H = scan_fn(u_, delta_, A_, B_, C_, None, None, bias_, delta_softplus, None, keep_)
@@ -340,15 +357,7 @@ def sharded_selective_scan(scan_fn, u, delta, A, B, C, D, z, delta_bias, delta_s
         hT = jax.lax.psum(jax.numpy.where(index == seq - 1, hT, 0.0), "sequence")
         return y, hT
 
-    return jax.shard_map(
-        body,
-        in_specs=tuple(spec[kinds[i]] for i in present),
-        out_specs=(spec["seq"], spec["state"]),
-        # The implementations' lax.scan carries are not annotated with the axes they
-        # vary over; without the check, shard_map's transpose sums the cotangents of
-        # the replicated inputs (A, D, bias, ...) over the axes they are replicated on.
-        check_vma=False,
-    )(*(args[i] for i in present))
+    return _shard_map_present(body, args, [spec[k] for k in kinds], (spec["seq"], spec["state"]))
 
 
 def sharded_causal_conv1d(conv_fn, x, kernel, bias, seq_idx):
@@ -378,14 +387,9 @@ def sharded_causal_conv1d(conv_fn, x, kernel, bias, seq_idx):
     chan = "tensor" if d % mesh.shape["tensor"] == 0 else None
     args = (x, kernel, bias, seq_idx)
     specs = (P(batch_axes, "sequence", chan), P(None, chan), P(chan), P(batch_axes, "sequence"))
-    present = [i for i, a in enumerate(args) if a is not None]
     shift = [(i, i + 1) for i in range(seq - 1)]  # shard i sends to i + 1; shard 0 receives zeros
 
-    def body(*local):
-        full = [None] * len(args)
-        for i, a in zip(present, local):
-            full[i] = a
-        x_, w_, b_, s_ = full
+    def body(x_, w_, b_, s_):
         halo = jax.lax.ppermute(x_[:, -(k - 1) :], "sequence", shift)
         if s_ is not None:
             halo_doc = jax.lax.ppermute(s_[:, -(k - 1) :], "sequence", shift)
@@ -394,12 +398,7 @@ def sharded_causal_conv1d(conv_fn, x, kernel, bias, seq_idx):
         y, _ = conv_fn(x_, w_, b_, halo, s_)
         return y
 
-    return jax.shard_map(
-        body,
-        in_specs=tuple(specs[i] for i in present),
-        out_specs=specs[0],
-        check_vma=False,  # the kernel's and bias' cotangents are summed over the shards that share them
-    )(*(args[i] for i in present))
+    return _shard_map_present(body, args, specs, specs[0])
 
 
 def sharded_ssd(ssd_fn, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *, chunk_size, dt_softplus, dt_limit, impl):
@@ -441,17 +440,12 @@ def sharded_ssd(ssd_fn, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *
         P(batch_axes, time_axis), P(batch_axes, time_axis),
     )
     args = (x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, keep)
-    present = [i for i, a in enumerate(args) if a is not None]
 
     def run(x_, dt_, A_, B_, C_, D_, z_, bias_, h0_, sidx_):
         return ssd_fn(x_, dt_, A_, B_, C_, chunk_size=chunk_size, D=D_, z=z_, dt_bias=bias_, dt_softplus=dt_softplus,
                       dt_limit=dt_limit, initial_state=h0_, seq_idx=sidx_, return_final_state=True, impl=impl)
 
-    def body(*local):
-        full = [None] * len(args)
-        for i, a in zip(present, local):
-            full[i] = a
-        x_, dt_, A_, B_, C_, D_, z_, bias_, h0_, sidx_, keep_ = full
+    def body(x_, dt_, A_, B_, C_, D_, z_, bias_, h0_, sidx_, keep_):
         if seq == 1:
             return run(x_, dt_, A_, B_, C_, D_, z_, bias_, h0_, sidx_)
         _, H = run(x_, dt_, A_, B_, C_, None, None, bias_, None, sidx_)
@@ -475,9 +469,4 @@ def sharded_ssd(ssd_fn, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, *
         hT = jax.lax.psum(jax.numpy.where(index == seq - 1, hT, 0.0), "sequence")
         return y, hT
 
-    return jax.shard_map(
-        body,
-        in_specs=tuple(specs[i] for i in present),
-        out_specs=(specs[0], specs[8]),
-        check_vma=False,  # as in sharded_selective_scan: the scans' carries are not annotated
-    )(*(args[i] for i in present))
+    return _shard_map_present(body, args, specs, (specs[0], specs[8]))
