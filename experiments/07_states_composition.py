@@ -20,9 +20,8 @@
 # Models: the fact model of experiment 06 (Mamba-1, 3 layers, trained), the same
 # architecture at initialisation, a 3-layer Mamba-2 and a 6-layer Mamba-1 at initialisation.
 
-# **The committed results** used the fact model's step-1500 checkpoint of its 2500-step schedule (the
-# training was stopped there for the session's deadline): `train_fact_model` to step >= 1500, then
-# this script with `--load-only --model-step 1500`.
+# The fact model trains (or resumes) in `runs/states_fact_model` on the first of 06-08 that runs (about
+# 7 minutes on 2 CPU cores); the others reuse it.
 
 # %%
 import sys
@@ -47,7 +46,7 @@ from mamba_jax.states import facts
 NAME = "07_states_composition"
 
 # %% Hyperparameters
-TASK = facts.FactTaskConfig()  # Mamba-1, d_model 64, 3 layers; a 2500-step schedule of batch 32
+TASK = facts.FactTaskConfig()  # Mamba-1, d_model 64, 3 layers; 10k steps of batch 32 (6k on short documents)
 PAIRS = 256  # (A, B) document pairs
 SEED = 3
 RANDOM_MODELS = {

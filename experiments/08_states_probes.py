@@ -16,9 +16,8 @@
 # initialisation, and measured on fact documents from the decay product of a whole
 # document (`segment`), for the trained model.
 
-# **The committed results** used the fact model's step-1500 checkpoint of its 2500-step schedule (the
-# training was stopped there for the session's deadline): `train_fact_model` to step >= 1500, then
-# this script with `--load-only --model-step 1500`.
+# The fact model trains (or resumes) in `runs/states_fact_model` on the first of 06-08 that runs (about
+# 7 minutes on 2 CPU cores); the others reuse it.
 
 # %%
 import sys
@@ -42,7 +41,7 @@ from mamba_jax.states import facts, probes
 NAME = "08_states_probes"
 
 # %% Hyperparameters
-TASK = facts.FactTaskConfig()  # Mamba-1, d_model 64, 3 layers; a 2500-step schedule of batch 32
+TASK = facts.FactTaskConfig()  # Mamba-1, d_model 64, 3 layers; 10k steps of batch 32 (6k on short documents)
 FACT_POS = 8
 DELAYS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)  # tokens after the value (training documents are 64 long)
 N_TRAIN, N_TEST = 1536, 512

@@ -383,3 +383,12 @@ def test_fact_docs_have_distinct_keys_and_well_formed_facts():
     batch = facts.training_batch(np.random.default_rng(1), vocab, 4, 16, 2)
     w = batch["weights"][0]
     assert w.sum() == 6 and batch["targets"][0][np.flatnonzero(w)[2]] in range(vocab.value_start, vocab.filler_start)
+
+
+def test_fact_task_curriculum_and_its_checks():
+    task = facts.FactTaskConfig(steps=10, short_steps=4, short_doc_len=16, doc_len=32)
+    assert [task.train_doc_len(s) for s in (0, 3, 4, 9)] == [16, 16, 32, 32]
+    with pytest.raises(ValueError, match="short_steps"):
+        facts.FactTaskConfig(steps=10, short_steps=11)
+    with pytest.raises(ValueError, match="short_doc_len"):
+        facts.FactTaskConfig(short_doc_len=8, train_facts_per_doc=3)
