@@ -53,7 +53,7 @@ NAME = "06_states_library"
 # %% Hyperparameters
 TASK = facts.FactTaskConfig()  # Mamba-1, d_model 64, 3 layers; 10k steps of batch 32 (6k on short documents)
 NS = (16, 64, 256, 1024, 4096)  # library sizes
-QUERIES = 128  # questions per library size
+QUERIES = 512  # questions per library size (at most 2N)
 PROBE_TRAIN_DOCS = 4096  # documents (not in the library) the key probe is fit on
 PROBE_ALPHA = 10.0
 ROW_BATCH = 1024  # (query, state) rows per forward call

@@ -78,6 +78,7 @@ def environment() -> dict:
         "device": str(jax.devices()[0].device_kind),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "cpu_model": cpu_model(),
         "date": time.strftime("%Y-%m-%d"),
     }
 
