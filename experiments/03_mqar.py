@@ -11,23 +11,29 @@
 # harder MQAR sweep (sequence lengths 256-1024) and finds Mamba-1 falling short of
 # attention and of Mamba-2, whose larger state helps.
 #
-# **What we do.** One cell of that sweep at the size a shared 2-core CPU trains in about
-# 35 minutes: Zoology's easiest setting, sequence length 64 with 4 key-value pairs, with a
-# vocabulary of 1024 instead of 8192 (8x smaller, so each value token is seen ~8x more
-# often in our few steps), 2-layer Mamba and 2-layer Transformer++ (RoPE
-# attention + SwiGLU MLP) at widths 16, 32 and 64 (Zoology: 64-512; 128 was too slow for
-# the Mamba scan on this CPU), each trained for 2500 steps of batch 32 (80K sequences,
-# each seen once; Zoology trains on 100K sequences for up to 64 epochs) at one learning
-# rate, 3e-3 (Zoology sweeps it per point).
+# **What we do.** Zoology's easiest cell, sequence length 64 with 4 key-value pairs, with a
+# vocabulary of 1024 instead of 8192 (8x smaller, so each value token is seen ~8x more often
+# in our few steps), 2-layer Mamba and 2-layer Transformer++ (RoPE attention + SwiGLU MLP),
+# in three stages that each build on the last (every run is batch 32 for STEPS steps):
+#
+# 1. a learning-rate sweep (LRS) at width 64 for both models (Zoology sweeps it per point;
+#    Okpekpe & Orvieto find Mamba's window of working rates narrow);
+# 2. widths WIDTHS at each model's best rate from stage 1;
+# 3. longer sequences (LENGTHS, with more key-value pairs) at width 64 and the best rate.
+#
+# The results JSON and figure are rewritten after every run (``"complete": false`` until the
+# last), and a killed invocation resumes each run from its checkpoints in ``--workdir``.
 #
 # Why not a much smaller vocabulary: the positions between queries hold random tokens
 # from the whole vocabulary (as in Zoology), so with 64 tokens every key also shows up
 # about once at random in the filler, followed by a random token, and "copy what followed
 # the key last time" is wrong. Earlier runs at vocabulary 64 (800 and 2,500 steps) left
 # every model, attention included, at ~25%: picking one of the 4 values of the context.
+# Earlier runs at vocabulary 1024 with one rate (3e-3) and 2,500 steps left every model
+# at or below 27%: recall forms abruptly, after a plateau longer than that.
 
 # %%
-import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -53,18 +59,20 @@ SEQ_LEN = 64  # Zoology: 64-512
 NUM_KV_PAIRS = 4  # Zoology: 4-64
 VOCAB = 1024  # Zoology: 8192
 POWER_A = 0.01  # Zoology's default query-gap distribution (short gaps likely)
-WIDTHS = (16, 32, 64)  # Zoology: 64-512
+LRS = (1e-3, 3e-3, 1e-2)  # stage 1, at SWEEP_WIDTH
+SWEEP_WIDTH = 64
+WIDTHS = (32, 64, 128)  # stage 2 (Zoology: 64-512)
+LENGTHS = ((128, 8), (256, 16))  # stage 3: (sequence length, key-value pairs) at SWEEP_WIDTH
 N_LAYER = 2  # as in Zoology
 D_STATE = 16  # Mamba-1's default state size per channel
 ATTN_HEAD_DIM = 32  # attention heads = d_model / 32
 BATCH = 32
-STEPS = 2500
-LEARNING_RATE = 3e-3  # one learning rate for every run (Zoology sweeps it per point)
-WARMUP = 50
+STEPS = 8000
+WARMUP = 100
 WEIGHT_DECAY = 0.1
-EVAL_EVERY = 250
+EVAL_EVERY = 500
 EVAL_SIZE = 256  # held-out sequences (x NUM_KV_PAIRS scored queries), one fixed batch
-CHECKPOINT_EVERY = 500
+CHECKPOINT_EVERY = 1000
 SEED = 0
 
 MODELS = {  # name -> config builder for a width
@@ -97,103 +105,113 @@ PAPER = {
 # %%
 args = parse_args(NAME, __doc__)
 if args.quick:  # a smoke run: tiny task, a few steps, no checkpoints
-    SEQ_LEN, NUM_KV_PAIRS, VOCAB, WIDTHS, BATCH, STEPS, WARMUP = 16, 2, 32, (16,), 8, 4, 1
+    SEQ_LEN, NUM_KV_PAIRS, VOCAB, BATCH, STEPS, WARMUP = 16, 2, 32, 8, 4, 1
+    LRS, SWEEP_WIDTH, WIDTHS, LENGTHS = (1e-3, 3e-3), 16, (16, 32), ((32, 4),)
     EVAL_EVERY, EVAL_SIZE, CHECKPOINT_EVERY = 2, 16, 0
 
 data_key, eval_key = jax.random.key(SEED + 1), jax.random.key(10_000 + SEED)
-batch_fn = jax.jit(
-    lambda step: mqar(jax.random.fold_in(data_key, step), BATCH, SEQ_LEN, NUM_KV_PAIRS, VOCAB, POWER_A)
-)
-eval_batch = mqar(eval_key, EVAL_SIZE, SEQ_LEN, NUM_KV_PAIRS, VOCAB, POWER_A)  # held out: a different key
-train_config = TrainConfig(
-    total_steps=STEPS,
-    learning_rate=LEARNING_RATE,
-    warmup_steps=WARMUP,
-    weight_decay=WEIGHT_DECAY,
-    log_every=min(50, STEPS),
-    eval_every=EVAL_EVERY,
-    checkpoint_every=CHECKPOINT_EVERY,
-    seed=SEED,
-)
 
-# %% Train every (model, width) (a killed run resumes from its last checkpoint in --workdir)
+
+@functools.lru_cache(maxsize=None)
+def task(seq_len, kv_pairs):
+    """(jitted batch_fn(step), the held-out batch) of one sequence length."""
+    batch_fn = jax.jit(lambda step: mqar(jax.random.fold_in(data_key, step), BATCH, seq_len, kv_pairs, VOCAB, POWER_A))
+    return batch_fn, mqar(eval_key, EVAL_SIZE, seq_len, kv_pairs, VOCAB, POWER_A)  # held out: a different key
+
+
 runs = []
-t_start = time.perf_counter()
-for d_model in WIDTHS:
-    for name, build in MODELS.items():
-        model = mj.MambaLM(build(d_model), rngs=nnx.Rngs(SEED))
-        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        run_name = f"{name.lower().rstrip('+')}_d{d_model}"
-        print(f"\n== {name}, d_model {d_model}: {n_params:,} parameters; {STEPS} steps of batch {BATCH}", flush=True)
-        trainer = Trainer(model, train_config, workdir=Path(args.workdir) / run_name,
-                          progress=not args.quick, description=run_name)
-        t0 = time.perf_counter()
-        trainer.fit(batch_fn, eval_fn=lambda m: evaluate(m, [eval_batch]))
-        seconds = time.perf_counter() - t0
-        trainer.close()
-        final = evaluate(model, [eval_batch])
-        runs.append({
-            "model": name,
-            "d_model": d_model,
-            "run": run_name,
-            "n_params": int(n_params),
-            "final": final,
-            "train_seconds": seconds,  # this invocation only (a resumed run counts the rest)
-            "eval_curve": read_metrics(trainer.metrics_path, split="eval"),
-        })
-        print(f"{name} d_model {d_model}: query accuracy {final['accuracy']:.1%}, all queries right "
-              f"{final['sequence_accuracy']:.1%}, {seconds:.0f} s", flush=True)
-total_seconds = time.perf_counter() - t_start
 
-# %% Results table
-print(f"\n{'model':14s} {'d_model':>7s} {'params':>8s} {'query acc':>10s} {'seq acc':>8s} {'seconds':>8s}")
-for r in runs:
-    print(f"{r['model']:14s} {r['d_model']:7d} {r['n_params']:8,d} {r['final']['accuracy']:10.1%} "
-          f"{r['final']['sequence_accuracy']:8.1%} {r['train_seconds']:8.0f}")
 
-# %% Plot: accuracy against width (left), learning curves (right)
-fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-for i, name in enumerate(MODELS):
-    mine = [r for r in runs if r["model"] == name]
-    axes[0].plot([r["d_model"] for r in mine], [100 * r["final"]["accuracy"] for r in mine],
-                 marker="o", color=f"C{i}", label=name)
-    for r, ls in zip(mine, ("-", "--", ":", "-.")):
-        curve = r["eval_curve"]
-        axes[1].plot([c["step"] for c in curve], [100 * c["accuracy"] for c in curve],
-                     color=f"C{i}", ls=ls, label=f"{name} d{r['d_model']}")
-for ax in axes:  # a model that knows the values but not which key each belongs to
-    ax.axhline(100 / NUM_KV_PAIRS, color="k", lw=0.5, ls=":", label=f"1/{NUM_KV_PAIRS}: a random value of the context")
-axes[0].set_xscale("log", base=2)
-axes[0].set_xticks(list(WIDTHS), [str(w) for w in WIDTHS])
-axes[0].set(title="held-out query accuracy after training", xlabel="d_model", ylabel="%", ylim=(0, 102))
-axes[1].set(title="learning curves (held out)", xlabel="step", ylabel="%", ylim=(0, 102))
-axes[0].legend()
-axes[1].legend(fontsize=7)
-fig.suptitle(f"MQAR: {NUM_KV_PAIRS} key-value pairs, length {SEQ_LEN}, vocabulary {VOCAB}, {N_LAYER} layers, "
-             f"{STEPS} steps of batch {BATCH}")
-save_figure(args, NAME, fig)
+def train(stage, name, d_model, lr, seq_len=SEQ_LEN, kv_pairs=NUM_KV_PAIRS):
+    """Trains (or resumes, or only evaluates when finished) one run and records it."""
+    batch_fn, eval_batch = task(seq_len, kv_pairs)
+    model = mj.MambaLM(MODELS[name](d_model), rngs=nnx.Rngs(SEED))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    run_name = f"{name.lower().rstrip('+')}_d{d_model}_lr{lr:g}_l{seq_len}"
+    print(f"\n== {stage}: {name}, d_model {d_model}, lr {lr:g}, length {seq_len} ({kv_pairs} pairs): "
+          f"{n_params:,} parameters", flush=True)
+    config = TrainConfig(total_steps=STEPS, learning_rate=lr, warmup_steps=WARMUP, weight_decay=WEIGHT_DECAY,
+                         log_every=min(50, STEPS), eval_every=EVAL_EVERY, checkpoint_every=CHECKPOINT_EVERY, seed=SEED)
+    trainer = Trainer(model, config, workdir=Path(args.workdir) / run_name, progress=not args.quick, description=run_name)
+    t0 = time.perf_counter()
+    trainer.fit(batch_fn, eval_fn=lambda m: evaluate(m, [eval_batch]))
+    seconds = time.perf_counter() - t0
+    trainer.close()
+    final = evaluate(model, [eval_batch])
+    curve = read_metrics(trainer.metrics_path, split="eval")
+    runs.append({
+        "stage": stage, "model": name, "d_model": d_model, "learning_rate": lr, "seq_len": seq_len,
+        "num_kv_pairs": kv_pairs, "run": run_name, "n_params": int(n_params), "final": final,
+        "best_accuracy": max([c["accuracy"] for c in curve] + [final["accuracy"]]),
+        "train_seconds": seconds,  # this invocation only (a resumed run counts the rest)
+        "eval_curve": curve,
+    })
+    print(f"{name} d{d_model} lr {lr:g} l{seq_len}: query accuracy {final['accuracy']:.1%}, all queries right "
+          f"{final['sequence_accuracy']:.1%}, {seconds:.0f} s", flush=True)
+    report(complete=False)
 
-# %% Write the JSON
-write_results(args, NAME, {
-    "hyperparameters": {
-        "seq_len": SEQ_LEN, "num_kv_pairs": NUM_KV_PAIRS, "vocab_size": VOCAB, "power_a": POWER_A,
-        "widths": list(WIDTHS), "n_layer": N_LAYER, "d_state": D_STATE, "attn_head_dim": ATTN_HEAD_DIM,
-        "batch_size": BATCH, "steps": STEPS, "learning_rate": LEARNING_RATE, "warmup_steps": WARMUP,
-        "weight_decay": WEIGHT_DECAY, "eval_every": EVAL_EVERY, "eval_size": EVAL_SIZE, "seed": SEED,
-        "train_config": dataclasses.asdict(train_config),
-    },
-    "runs": runs,
-    "total_train_seconds": total_seconds,
-    "baseline_accuracy": {
-        "uniform_over_values": 1 / (VOCAB - VOCAB // 2),
-        "random_value_of_the_context": 1 / NUM_KV_PAIRS,  # the plateau before key-value binding is learned
-    },
-    "paper": PAPER,
-    "scaled_down": (
-        f"One cell of Zoology's sweep: length {SEQ_LEN} with {NUM_KV_PAIRS} key-value pairs (Zoology: 64-512 with "
-        f"4-64; Mamba-2 Fig. 8: 256-1024), vocabulary {VOCAB} instead of 8192 ({8192 // VOCAB}x smaller), widths "
-        f"{list(WIDTHS)} (Zoology: 64-512; 128 did not fit the CPU budget), {STEPS} steps of batch {BATCH} (~{STEPS * BATCH // 1000}K sequences, "
-        f"each seen once; Zoology: 100K training sequences for up to 64 epochs) and one learning rate "
-        f"({LEARNING_RATE}) instead of a sweep per point."
-    ),
-})
+
+def best_lr(name):
+    mine = [r for r in runs if r["stage"] == "lr" and r["model"] == name]
+    return max(mine, key=lambda r: (r["final"]["accuracy"], -r["learning_rate"]))["learning_rate"]
+
+
+def report(complete):
+    """The table, the figure and the JSON of the runs so far."""
+    print(f"\n{'stage':6s} {'model':14s} {'d':>4s} {'lr':>7s} {'len':>4s} {'query acc':>10s} {'seq acc':>8s}")
+    for r in runs:
+        print(f"{r['stage']:6s} {r['model']:14s} {r['d_model']:4d} {r['learning_rate']:7g} {r['seq_len']:4d} "
+              f"{r['final']['accuracy']:10.1%} {r['final']['sequence_accuracy']:8.1%}")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for i, name in enumerate(MODELS):
+        for ax, stage, key in ((axes[0], "lr", "learning_rate"), (axes[1], "width", "d_model"), (axes[2], "length", "seq_len")):
+            mine = sorted((r for r in runs if r["model"] == name and (r["stage"] == stage or (
+                stage != "lr" and r["stage"] == "lr" and r["learning_rate"] == best_lr(name)))), key=lambda r: r[key])
+            ax.plot([r[key] for r in mine], [100 * r["final"]["accuracy"] for r in mine], "o-", color=f"C{i}", label=name)
+    for ax, label in zip(axes, ("learning rate (d_model %d, length %d)" % (SWEEP_WIDTH, SEQ_LEN),
+                                "d_model (best rate, length %d)" % SEQ_LEN, "sequence length (d_model %d, best rate)" % SWEEP_WIDTH)):
+        ax.set_xscale("log", base=2 if "rate" not in label.split(" (")[0] else 10)
+        ax.set(xlabel=label, ylabel="held-out query accuracy (%)", ylim=(0, 102))
+        ax.axhline(100 / NUM_KV_PAIRS, color="k", lw=0.5, ls=":")
+    axes[0].legend()
+    fig.suptitle(f"MQAR, vocabulary {VOCAB}, {N_LAYER} layers, {STEPS} steps of batch {BATCH}"
+                 + ("" if complete else " (incomplete)"))
+    save_figure(args, NAME, fig)
+    plt.close(fig)
+    write_results(args, NAME, {
+        "complete": complete,
+        "hyperparameters": {
+            "seq_len": SEQ_LEN, "num_kv_pairs": NUM_KV_PAIRS, "vocab_size": VOCAB, "power_a": POWER_A,
+            "learning_rates": list(LRS), "sweep_width": SWEEP_WIDTH, "widths": list(WIDTHS),
+            "lengths": [list(x) for x in LENGTHS], "n_layer": N_LAYER, "d_state": D_STATE,
+            "attn_head_dim": ATTN_HEAD_DIM, "batch_size": BATCH, "steps": STEPS, "warmup_steps": WARMUP,
+            "weight_decay": WEIGHT_DECAY, "eval_every": EVAL_EVERY, "eval_size": EVAL_SIZE, "seed": SEED,
+        },
+        "runs": runs,
+        "baseline_accuracy": {
+            "uniform_over_values": 1 / (VOCAB - VOCAB // 2),
+            "random_value_of_the_context": 1 / NUM_KV_PAIRS,  # the plateau before key-value binding is learned
+        },
+        "paper": PAPER,
+        "scaled_down": (
+            f"Zoology's sweep at CPU scale: vocabulary {VOCAB} instead of 8192, widths {list(WIDTHS)} (Zoology: 64-512), "
+            f"{STEPS} steps of batch {BATCH} (~{STEPS * BATCH // 1000}K sequences, each seen once; Zoology: 100K "
+            f"training sequences for up to 64 epochs), learning rates {list(LRS)} swept at width {SWEEP_WIDTH} only."
+        ),
+    })
+
+
+# %% Stage 1: learning rates at width SWEEP_WIDTH
+for name in MODELS:
+    for lr in LRS:
+        train("lr", name, SWEEP_WIDTH, lr)
+
+# %% Stage 2: widths at the best rate; stage 3: longer sequences
+for name in MODELS:
+    for d_model in WIDTHS:
+        if d_model != SWEEP_WIDTH:
+            train("width", name, d_model, best_lr(name))
+for name in MODELS:
+    for seq_len, kv_pairs in LENGTHS:
+        train("length", name, SWEEP_WIDTH, best_lr(name), seq_len, kv_pairs)
+report(complete=True)
