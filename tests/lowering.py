@@ -64,6 +64,8 @@ CUSTOM_CALLS = {
     "tpu": "tpu_custom_call",  # Pallas Mosaic (TPU)
     "triton": "__gpu$xla.gpu.triton",  # Pallas Triton (cuda, rocm)
     "mosaic_gpu": "mosaic_gpu_v2",  # Pallas Mosaic GPU (cuda, Hopper and newer)
+    "cpu_fwd": "mamba_selective_scan_fwd",  # the native CPU selective scan (XLA FFI), forward
+    "cpu_bwd": "mamba_selective_scan_bwd",  # and backward
 }
 
 # Device kinds as jax reports them (``jax.devices()[0].device_kind``).

@@ -27,6 +27,10 @@ Implementations (``impl=``):
   chunk, with a ``custom_vjp`` that saves only the chunk-boundary states and
   recomputes the states inside each chunk in the backward pass: training memory
   O(b * l/T * d * n) instead of O(b * l * d * n).
+* ``"cpu"``        the same algorithm as ``"sequential"`` (boundary states every
+  ``chunk_size`` steps, recompute and one fused reverse loop in the backward) as
+  one native C++ kernel through XLA FFI (``pallas_kernels.selective_scan.cpu``),
+  built on first use with the system C++ compiler; CPU only.
 * ``"pallas"``     the Pallas kernels in ``pallas_kernels.selective_scan``: the Mosaic
   kernel on TPU, the Triton kernel on CUDA, the TPU kernel in interpret mode
   elsewhere (CPU: for tests).
@@ -36,6 +40,7 @@ Implementations (``impl=``):
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import jax
@@ -53,7 +58,7 @@ from pallas_kernels.selective_scan.reference import (
     validate,
 )
 
-IMPLS = ("reference", "step", "sequential", "chunked", "pallas")
+IMPLS = ("reference", "step", "sequential", "chunked", "cpu", "pallas")
 DEFAULT_CHUNK_SIZE = 64
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST  # float32 contractions stay float32 on TPU too
@@ -69,6 +74,10 @@ VERIFIED_STATE_SIZES = {"tpu": (16, 64, 128), "cuda": (16,)}
 MIN_TRITON_CAPABILITY = 8.0
 # Sequences shorter than one time block of the kernels never reach them.
 KERNEL_MIN_LENGTH = SelectiveScanBlockSizes().block_l
+# The native CPU kernel has no time block: below this length the XLA loop was
+# faster forward, from it on the kernel was faster forward and backward (measured
+# side by side at b 16, d 256, n 16).
+CPU_KERNEL_MIN_LENGTH = 8
 
 
 # --------------------------------------------------------------------------
@@ -127,13 +136,15 @@ def selective_scan(
     if impl not in IMPLS + ("auto",):
         raise ValueError(f"{impl=} is not one of {('auto',) + IMPLS}")
     if chunk_size is not None:
-        if impl not in ("sequential", "chunked"):
-            raise ValueError(f"chunk_size is only used by impl='sequential' or 'chunked', got {impl=}")
+        if impl not in ("sequential", "chunked", "cpu"):
+            raise ValueError(f"chunk_size is only used by impl='sequential', 'chunked' or 'cpu', got {impl=}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"{chunk_size=} must be a positive int")
     n, l = A.shape[1], u.shape[1]
     if impl == "pallas" and n > MAX_STATE_SIZE:
         raise ValueError(f"impl='pallas' takes a state size n up to {MAX_STATE_SIZE}, got n={n}")
+    if impl == "cpu" and (reason := _cpu_kernel_unavailable()) is not None:
+        raise RuntimeError(f"impl='cpu' needs the native CPU kernel, which is unavailable: {reason}")
     if impl == "step" and l != 1:
         raise ValueError(f"impl='step' runs one time step, got u.shape={tuple(u.shape)} with l={l}")
     keep = None if seq_idx is None else _continuation_mask(seq_idx, u.shape[:2])
@@ -191,10 +202,12 @@ def resolve_impl(backend: str, state_size: int, seq_len: int | None = None, *, c
     """The ``impl="auto"`` policy, in one place.
 
     * ``seq_len == 1`` (a decode step): ``"step"`` on every platform.
+    * ``"cpu"``: ``"cpu"``, the native C++ kernel (O(l/T) training memory), from
+      ``CPU_KERNEL_MIN_LENGTH`` steps on (or ``seq_len`` unknown) when a C++
+      compiler is present to build it; otherwise ``"sequential"`` (without a
+      compiler, with a one-time warning that says why).
     * ``seq_len`` below one kernel time block (``KERNEL_MIN_LENGTH``):
-      ``"sequential"``, the plain recurrence in XLA, on every platform.
-    * ``"cpu"``: ``"sequential"`` at every length, the fastest on CPU forward
-      and backward (``experiments/bench_scan.py``), O(l/T) training memory.
+      ``"sequential"``, the plain recurrence in XLA, on every other platform.
     * ``"tpu"``: ``"pallas"`` (the Mosaic kernel) for the state sizes in
       ``VERIFIED_STATE_SIZES["tpu"]``, ``"chunked"`` otherwise.
     * ``"cuda"`` (or ``"gpu"``): ``"pallas"`` (the Triton kernel) for the state
@@ -211,9 +224,15 @@ def resolve_impl(backend: str, state_size: int, seq_len: int | None = None, *, c
     backend = "cuda" if backend == "gpu" else backend
     if seq_len is not None and seq_len == 1:
         return "step"
-    if seq_len is not None and seq_len < KERNEL_MIN_LENGTH:
-        return "sequential"
     if backend == "cpu":
+        if seq_len is not None and seq_len < CPU_KERNEL_MIN_LENGTH:
+            return "sequential"
+        reason = _cpu_kernel_unavailable()
+        if reason is None:
+            return "cpu"
+        _warn_cpu_fallback(reason)
+        return "sequential"
+    if seq_len is not None and seq_len < KERNEL_MIN_LENGTH:
         return "sequential"
     if backend == "tpu" and state_size in VERIFIED_STATE_SIZES["tpu"]:
         return "pallas"
@@ -221,6 +240,19 @@ def resolve_impl(backend: str, state_size: int, seq_len: int | None = None, *, c
         if compute_capability is None or float(compute_capability) >= MIN_TRITON_CAPABILITY:
             return "pallas"
     return "chunked"
+
+
+@functools.cache
+def _cpu_kernel_unavailable() -> str | None:
+    from pallas_kernels.selective_scan import cpu
+
+    return cpu.unavailable_reason()
+
+
+@functools.cache
+def _warn_cpu_fallback(reason: str) -> None:
+    warnings.warn(f"selective_scan(impl='auto') on CPU runs 'sequential' (XLA) instead of the native kernel: {reason}",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _local_cuda_capability():
@@ -268,6 +300,8 @@ def _impl_fn(impl: str, chunk_size: int | None, platform: str) -> Callable:
         kernel = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "tpu")
         interpret = platform not in ("tpu", "cuda", "rocm")  # CPU: the TPU kernel, interpreted
         return lambda *a: selective_scan_pallas(*a[:10], continuation=a[10], platform=kernel, interpret=interpret)
+    if impl == "cpu":
+        return functools.partial(_cpu_selective_scan, chunk_size or DEFAULT_CHUNK_SIZE)
     return functools.partial(_xla_selective_scan, impl, chunk_size or DEFAULT_CHUNK_SIZE)
 
 
@@ -293,6 +327,20 @@ def _xla_selective_scan(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, d
     """
     core_in = prepare(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
     return finish(*_padded(impl, *core_in, keep, chunk_size=chunk_size), u, D, z)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9))
+def _cpu_selective_scan(chunk_size, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, keep):
+    """``prepare`` -> the native CPU core (``pallas_kernels.selective_scan.cpu``) -> ``finish``."""
+    from pallas_kernels.selective_scan import cpu
+
+    b, l, d = u.shape
+    u_, dt, A_, B_, C_, h0 = prepare(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
+    n = A_.shape[-1]
+    y, hT = cpu.selective_scan_core(
+        u_.reshape(b, l, d), dt.reshape(b, l, d), A_.reshape(d, n), B_, C_, h0.reshape(b, d, n), keep, chunk_size
+    )
+    return finish(y, hT, u, D, z)
 
 
 # --------------------------------------------------------------------------
