@@ -8,7 +8,8 @@
 # buffer, bytes read + written). Writes JSON + PNG to experiments/results/,
 # named after the device (bench_scan_cpu.json, bench_scan_h100.json, ...).
 #
-# CPU (default without a GPU): the XLA impls at d=256, n=16, b=1, float32.
+# CPU (default without a GPU): the XLA impls and the native CPU kernel
+# (impl="cpu", C++ through XLA FFI) at d=256, n=16, b=1, float32.
 # GPU: every impl incl. the Pallas kernel, bfloat16 inputs, d=1024-2048,
 # l=512 ... 256k; an impl whose compiled footprint exceeds the device memory
 # is skipped and marked so in the table. `--quick` shrinks everything.
@@ -35,7 +36,7 @@ from pallas_kernels.selective_scan import SelectiveScanBlockSizes, selective_sca
 # Hyperparameters --------------------------------------------------------------
 N_STATE = 16
 CPU_SHAPES = [(1, l, 256) for l in (256, 1024, 4096, 16384)]  # (b, l, d)
-CPU_IMPLS = ["reference", "sequential", "chunked"]
+CPU_IMPLS = ["reference", "sequential", "chunked", "cpu"]
 GPU_SHAPES = [(1, l, 2048) for l in (512, 2048, 8192, 32768, 131072, 262144)] + [
     (8, l, 1024) for l in (2048, 8192, 32768)
 ]
@@ -205,7 +206,8 @@ def main():
         shapes, impls, dtype = CPU_SHAPES, CPU_IMPLS, jnp.float32
         mem_limit = None
         ceiling = copy_bandwidth(256 * 2**20)
-        notes.append("CPU: XLA impls only (the Pallas kernel runs interpreted on CPU; not a speed claim)")
+        notes.append("CPU: XLA impls and the native CPU kernel (the Pallas kernel runs interpreted on CPU; "
+                     "not a speed claim)")
     if a.quick:
         shapes = [(1, 256, 256), (1, 1024, 256)]
     print(f"device {jax.devices()[0].device_kind} ({tag}); copy ceiling {ceiling / 1e9:.1f} GB/s", flush=True)

@@ -8,9 +8,10 @@
 # interleaved round by round, median of the rounds:
 #
 # 1. tokens/s of one training step and of the forward pass, per model;
-# 2. the same Mamba with the previous backward of the sequential scan
+# 2. the same Mamba with the scan `impl="auto"` picked before the native CPU
+#    kernel (`"sequential"`, XLA), and with the previous backward of that scan
 #    (`sequential_v0`, kept in `mamba_jax.ops.selective_scan` for this), so the
-#    speed-up is a ratio measured in the same run;
+#    speed-ups are ratios measured in the same run;
 # 3. the selective scan alone at the training shape (b 16, l 256, d_inner 256,
 #    n 16, with D, z and softplus): forward and forward+backward per
 #    implementation.
@@ -45,7 +46,7 @@ D_MODEL, MAMBA_LAYERS, TPP_LAYERS, ATTN_HEADS, D_STATE = 128, 5, 3, 4, 16
 BATCH, SEQ_LEN, VOCAB = 16, 256, 256
 ROUNDS = 9  # interleaved timing rounds; medians reported (and minima: the least disturbed by other jobs)
 SCAN_SHAPE = (16, 256, 256, 16)  # (b, l, d_inner, n) of one layer of the Mamba above
-SCAN_IMPLS = ["sequential", "sequential_v0", "chunked"]
+SCAN_IMPLS = ["cpu", "sequential", "sequential_v0", "chunked"]
 
 args = parse_args(NAME, __doc__)
 if args.quick:
@@ -56,17 +57,17 @@ _scan_module = sys.modules["mamba_jax.ops.selective_scan"]  # the module (the pa
 
 
 @contextlib.contextmanager
-def previous_sequential_backward():
-    """While open, ``impl="sequential"`` (and ``"auto"`` on CPU) traces to the
-    previous backward (the private mode ``"sequential_v0"``); compile inside it.
+def swapped_scan_impls(swap):
+    """While open, each implementation ``impl`` in ``swap`` (the one ``"auto"``
+    picks included) traces to ``swap[impl]``; compile inside it.
 
     The swap is made where the implementation is chosen (``_impl_fn``), so the
-    jitted XLA implementation gets another static argument: jax's trace cache
+    jitted implementation gets another static argument: jax's trace cache
     cannot hand back the current implementation's trace."""
     current = _scan_module._impl_fn
 
     def previous(impl, chunk_size, platform):
-        return current("sequential_v0" if impl == "sequential" else impl, chunk_size, platform)
+        return current(swap.get(impl, impl), chunk_size, platform)
 
     _scan_module._impl_fn = previous
     try:
@@ -77,6 +78,9 @@ def previous_sequential_backward():
 
 CONFIGS = {
     "mamba": mj.MambaConfig(d_model=D_MODEL, n_layer=MAMBA_LAYERS, vocab_size=VOCAB, d_state=D_STATE),
+    "mamba (XLA sequential scan)": mj.MambaConfig(
+        d_model=D_MODEL, n_layer=MAMBA_LAYERS, vocab_size=VOCAB, d_state=D_STATE
+    ),
     "mamba (previous scan backward)": mj.MambaConfig(
         d_model=D_MODEL, n_layer=MAMBA_LAYERS, vocab_size=VOCAB, d_state=D_STATE
     ),
@@ -84,7 +88,12 @@ CONFIGS = {
         d_model=D_MODEL, n_layer=TPP_LAYERS, vocab_size=VOCAB, attn_num_heads=ATTN_HEADS
     ),
 }
-PREVIOUS = {"mamba (previous scan backward)"}
+# "mamba" runs what impl="auto" picks (on CPU the native kernel, impl="cpu");
+# the others swap it for the XLA implementations auto picked before.
+SWAPS = {
+    "mamba (XLA sequential scan)": {"cpu": "sequential"},
+    "mamba (previous scan backward)": {"cpu": "sequential_v0", "sequential": "sequential_v0"},
+}
 
 rng = np.random.default_rng(0)
 batch = {
@@ -102,7 +111,7 @@ def build(name, config):
     optimizer = mj_train.make_optimizer(model, total_steps=1000, warmup_steps=10)
     graphdef, state = nnx.split((model, optimizer))
     fwd_graphdef, fwd_state = nnx.split(mj.MambaLM(config, rngs=nnx.Rngs(0)))  # its own buffers (the step donates)
-    ctx = previous_sequential_backward() if name in PREVIOUS else contextlib.nullcontext()
+    ctx = swapped_scan_impls(SWAPS[name]) if name in SWAPS else contextlib.nullcontext()
     with ctx:
         step = jax.jit(functools.partial(mj_train._pure_train_step, graphdef, 1), donate_argnums=0)
         step = step.lower(state, batch).compile()
@@ -114,9 +123,10 @@ models = {}
 for name, config in CONFIGS.items():
     models[name] = build(name, config)
     print(f"{name}: {models[name]['params']:,} parameters, compiled", flush=True)
-hlo = {name: models[name]["step"].as_text() for name in ("mamba", "mamba (previous scan backward)")}
-if hlo["mamba"] == hlo["mamba (previous scan backward)"]:
-    raise RuntimeError("the previous-backward Mamba compiled to the same program as the current one")
+hlo = {name: models[name]["step"].as_text() for name in ("mamba", *SWAPS)}
+for name in SWAPS:
+    if hlo["mamba"] == hlo[name]:
+        raise RuntimeError(f"{name!r} compiled to the same program as 'mamba'")
 
 
 # %% The selective scan alone, at the training shape
@@ -136,7 +146,7 @@ for impl in SCAN_IMPLS:
     public = "sequential" if impl == "sequential_v0" else impl
     f = lambda a, public=public: mj.ops.selective_scan(**a, delta_softplus=True, impl=public)
     cot = jax.random.normal(jax.random.key(2), SCAN_SHAPE[:3])
-    ctx = previous_sequential_backward() if impl == "sequential_v0" else contextlib.nullcontext()
+    ctx = swapped_scan_impls({"sequential": "sequential_v0"}) if impl == "sequential_v0" else contextlib.nullcontext()
     with ctx:
         fwd = jax.jit(f).lower(sargs).compile()
         grad = jax.jit(jax.grad(lambda a, f=f: jnp.sum(f(a) * cot))).lower(sargs).compile()
@@ -237,7 +247,9 @@ results = {
               "attn_heads": ATTN_HEADS, "d_state": D_STATE, "batch": BATCH, "seq_len": SEQ_LEN, "rounds": ROUNDS,
               "step": "mamba_jax.train._pure_train_step (the Trainer's step: AdamW, clipping), jitted, state donated",
               "previous": "'mamba (previous scan backward)': the same model with selective_scan's sequential "
-                          "backward as before (mode sequential_v0), compiled in the same run"},
+                          "backward as before (mode sequential_v0), compiled in the same run",
+              "xla_sequential": "'mamba (XLA sequential scan)': the same model with the scan auto picked before the "
+                                "native CPU kernel (impl='sequential', XLA); 'mamba' runs auto (impl='cpu')"},
     "models": rows,
     "ratios": {
         "mamba_train_tokens_per_s_over_transformer_pp": rows["mamba"]["train_tokens_per_s_over_transformer_pp"],
@@ -247,6 +259,10 @@ results = {
         "previous_mamba_step_over_forward": rows["mamba (previous scan backward)"]["step_over_forward"],
         "mamba_step_speedup_over_previous":
             rows["mamba (previous scan backward)"]["step_s_median"] / rows["mamba"]["step_s_median"],
+        "xla_sequential_mamba_train_tokens_per_s_over_transformer_pp":
+            rows["mamba (XLA sequential scan)"]["train_tokens_per_s_over_transformer_pp"],
+        "xla_sequential_mamba_step_over_forward": rows["mamba (XLA sequential scan)"]["step_over_forward"],
+        "mamba_step_speedup_over_xla_sequential": rows["mamba (XLA sequential scan)"]["step_s_median"] / rows["mamba"]["step_s_median"],
         "of_minima": {
             "mamba_train_tokens_per_s_over_transformer_pp": rows["mamba"]["of_minima_train_tokens_per_s_over_transformer_pp"],
             "previous_mamba_train_tokens_per_s_over_transformer_pp":
@@ -254,6 +270,7 @@ results = {
             "mamba_step_over_forward": rows["mamba"]["of_minima_step_over_forward"],
             "mamba_step_speedup_over_previous":
                 rows["mamba (previous scan backward)"]["step_s_min"] / rows["mamba"]["step_s_min"],
+            "mamba_step_speedup_over_xla_sequential": rows["mamba (XLA sequential scan)"]["step_s_min"] / rows["mamba"]["step_s_min"],
         },
         "of_process_cpu_time": {
             "mamba_train_tokens_per_s_over_transformer_pp": rows["mamba"]["cpu_train_tokens_per_s_over_transformer_pp"],
@@ -263,6 +280,9 @@ results = {
             "scan_forward_backward_over_previous_sequential":
                 scan_rows["sequential"]["cpu_s_median"]["forward_backward"]
                 / scan_rows["sequential_v0"]["cpu_s_median"]["forward_backward"],
+            "scan_forward_backward_cpu_over_sequential":
+                scan_rows["cpu"]["cpu_s_median"]["forward_backward"]
+                / scan_rows["sequential"]["cpu_s_median"]["forward_backward"],
         },
         "targets": {"mamba_train_tokens_per_s_over_transformer_pp": 0.8, "mamba_step_over_forward": 3.0},
     },

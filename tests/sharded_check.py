@@ -80,7 +80,7 @@ def scan_rows():
 
     grad = lambda impl: jax.jit(jax.grad(lambda *v: loss(impl, *v), argnums=tuple(range(len(names))), has_aux=True))
     ref_grads, ref_out = grad("reference")(*args.values())
-    for impl in ("sequential", "pallas"):
+    for impl in ("sequential", "cpu", "pallas"):  # cpu: the native kernel (XLA FFI) in shard_map
         for axes in (dict(tensor=2, sequence=4), dict(data=2, sequence=4)):
             mesh = mjs.make_mesh(**axes)
             with jax.set_mesh(mesh):

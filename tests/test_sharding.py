@@ -27,7 +27,7 @@ def _run(*flags, script=SCRIPT):
 
 def _check(rows):
     scans = [r for r in rows if "scan" in r]
-    assert {r["scan"] for r in scans} == {"sequential", "pallas", "ssd_chunked", "ssd_pallas", "conv_halo"}, scans
+    assert {r["scan"] for r in scans} == {"sequential", "cpu", "pallas", "ssd_chunked", "ssd_pallas", "conv_halo"}, scans
     for r in scans:  # shard_map'd scan (the Pallas kernel interpreted) vs the unsharded reference
         assert r["out_err"] < 1e-5 and r["grad_err"] < 1e-5, r
         assert r.get("shard_map", True), r  # ssd rows: in shard_map; conv rows: the halo through a collective permute
