@@ -27,6 +27,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -74,6 +75,18 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "cpu_scan"
 
 
+def _cpu_features() -> bytes:
+    """The CPU's feature flags (Linux), else the machine name."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            for line in f:
+                if line.startswith((b"flags", b"Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.machine().encode()
+
+
 def build() -> pathlib.Path:
     """Compiles cpu_scan.cc (once per source, flags and jax version) and returns the library path."""
     reason = unavailable_reason()
@@ -81,7 +94,11 @@ def build() -> pathlib.Path:
         raise RuntimeError(f"cannot build the CPU selective-scan kernel: {reason}")
     cxx = compiler()
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), jax.__version__.encode(), cxx.encode()]))
+    # -march=native: the host's instruction set is part of the key (a cache in a
+    # home directory shared by different machines must not hand out the wrong one).
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(FLAGS).encode(), jax.__version__.encode(), cxx.encode(), _cpu_features()])
+    )
     out_dir = _cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     lib = out_dir / f"cpu_scan_{key.hexdigest()[:16]}.so"
