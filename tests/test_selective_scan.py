@@ -191,7 +191,7 @@ BAD = [
     (dict(u=jnp.zeros((2, 5, 6), jnp.int32)), TypeError, "u must have a floating dtype"),
     (dict(B=jnp.zeros((2, 5, 4), jnp.int32)), TypeError, "B must have a floating dtype"),
     (dict(impl="fast"), ValueError, "impl='fast' is not one of"),
-    (dict(impl="reference", chunk_size=4), ValueError, "chunk_size is only used by impl='sequential' or 'chunked'"),
+    (dict(impl="reference", chunk_size=4), ValueError, "chunk_size is only used by impl='sequential', 'chunked' or 'cpu'"),
     (dict(impl="chunked", chunk_size=0), ValueError, "chunk_size=0 must be a positive int"),
 ]
 

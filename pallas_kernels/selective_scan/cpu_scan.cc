@@ -21,8 +21,9 @@
 // Inside an item the state is held as (n, channels), channels innermost, so the
 // loops over channels are contiguous and vectorise (-O3, -fopenmp-simd for the
 // reductions over channels); the backward recomputes one chunk's states from its
-// boundary state into a (chunk + 1, n, channels) buffer that stays in cache,
-// then runs one reverse loop that computes every gradient of a step together.
+// boundary state (and each step's decay) into (chunk + 1, n, channels) buffers
+// that stay in cache, then runs one reverse loop that computes every gradient
+// of a step together.
 //
 // Threads: the handlers take XLA:CPU's own intra-op thread pool through the FFI
 // context (ffi::ThreadPool, in the headers of every jaxlib we support) rather
@@ -205,11 +206,13 @@ void backward_item(const Dims& s, int64_t item, const float* u, const float* dt,
   const int64_t P = std::min(K, s.p - j * K);
   // Channels past P (a last, partial block) run as padding lanes: dt = u = dy = 0,
   // state and adjoint 0, so they add nothing to the sums over channels.
-  std::vector<float> At_v(n * K, 0.0f), G_v(n * K, 0.0f), dA_v(n * K, 0.0f), hs_v((T + 1) * n * K, 0.0f);
+  std::vector<float> At_v(n * K, 0.0f), G_v(n * K, 0.0f), dA_v(n * K, 0.0f), hs_v((T + 1) * n * K, 0.0f),
+      as_v(T * n * K, 0.0f);
   float* __restrict At = At_v.data();
   float* __restrict G = G_v.data();  // the adjoint carried back in time
   float* __restrict dAacc = dA_v.data();
   float* __restrict hs = hs_v.data();  // hs[i]: the state before step t0 + i of the chunk
+  float* __restrict as = as_v.data();  // as[i]: the decay (times the mask) of step t0 + i
   alignas(64) float dtv[K] = {}, uv[K] = {}, dtu[K] = {}, dyv[K] = {}, GB[K], GhaA[K];
   for (int64_t k = 0; k < n; ++k)
     for (int64_t c = 0; c < P; ++c) {
@@ -228,6 +231,7 @@ void backward_item(const Dims& s, int64_t item, const float* u, const float* dt,
       const float keep_t = keep[bi * s.l + t];
       const float* __restrict hp = hs + i * n * K;
       float* __restrict hn = hs + (i + 1) * n * K;
+      float* __restrict ai = as + i * n * K;
       for (int64_t c = 0; c < P; ++c) {
         dtv[c] = dt[row + c];
         dtu[c] = dt[row + c] * u[row + c];
@@ -238,6 +242,7 @@ void backward_item(const Dims& s, int64_t item, const float* u, const float* dt,
 #pragma omp simd
         for (int64_t c = 0; c < K; ++c) {
           float a = fast_exp(dtv[c] * Ak[c]) * keep_t;
+          ai[k * K + c] = a;
           hn[k * K + c] = a * hp[k * K + c] + Bk * dtu[c];
         }
       }
@@ -248,9 +253,9 @@ void backward_item(const Dims& s, int64_t item, const float* u, const float* dt,
       const int64_t brow = ((bi * s.l + t) * s.g + gi) * n;
       const float* B_t = B + brow;
       const float* C_t = C + brow;
-      const float keep_t = keep[bi * s.l + t];
       const float* __restrict hp = hs + i * n * K;
       const float* __restrict hn = hs + (i + 1) * n * K;
+      const float* __restrict ai = as + i * n * K;
       float* dB_t = dB + ((j * s.b + bi) * s.l + t) * s.g * n + gi * n;
       float* dC_t = dC + ((j * s.b + bi) * s.l + t) * s.g * n + gi * n;
       for (int64_t c = 0; c < P; ++c) {
@@ -270,11 +275,12 @@ void backward_item(const Dims& s, int64_t item, const float* u, const float* dt,
         const float* __restrict Ak = At + k * K;
         const float* __restrict hpk = hp + k * K;
         const float* __restrict hnk = hn + k * K;
+        const float* __restrict ak = ai + k * K;
         const float Bk = B_t[k], Ck = C_t[k];
         float dBk = 0.0f, dCk = 0.0f;
 #pragma omp simd reduction(+ : dBk, dCk)
         for (int64_t c = 0; c < K; ++c) {
-          float a = fast_exp(dtv[c] * Ak[c]) * keep_t;
+          float a = ak[c];
           float g = Gk[c] + Ck * dyv[c];  // gradient of this step's state
           float gha = g * hpk[c] * a;     // through the decay: d a / d dt = A a
           GB[c] += g * Bk;
