@@ -19,10 +19,14 @@
 # 1. a learning-rate sweep (LRS) at width 64 for both models (Zoology sweeps it per point;
 #    Okpekpe & Orvieto find Mamba's window of working rates narrow);
 # 2. widths WIDTHS at each model's best rate from stage 1;
-# 3. longer sequences (LENGTHS, with more key-value pairs) at width 64 and the best rate.
+# 3. longer sequences (LENGTHS, with more key-value pairs) at width 64 and the best rate;
+# 4. the other rates of LRS at each width whose stage-2 run stayed below RETUNE_BELOW (a
+#    learning rate tuned at one width need not work at another: Zoology tunes it per point).
 #
 # The results JSON and figure are rewritten after every run (``"complete": false`` until the
-# last), and a killed invocation resumes each run from its checkpoints in ``--workdir``.
+# last), and a killed invocation resumes each run from its checkpoints in ``--workdir``. A run
+# already recorded in the results JSON with the same hyperparameters is taken from there and
+# not trained again (so the sweep also resumes where the checkpoints are gone).
 #
 # Why not a much smaller vocabulary: the positions between queries hold random tokens
 # from the whole vocabulary (as in Zoology), so with 64 tokens every key also shows up
@@ -34,6 +38,8 @@
 
 # %%
 import functools
+import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -63,6 +69,7 @@ LRS = (1e-3, 3e-3, 1e-2)  # stage 1, at SWEEP_WIDTH
 SWEEP_WIDTH = 64
 WIDTHS = (32, 64, 128)  # stage 2 (Zoology: 64-512)
 LENGTHS = ((128, 8), (256, 16))  # stage 3: (sequence length, key-value pairs) at SWEEP_WIDTH
+RETUNE_BELOW = 0.5  # stage 4: a width at the 1/NUM_KV_PAIRS plateau gets the other rates
 N_LAYER = 2  # as in Zoology
 D_STATE = 16  # Mamba-1's default state size per channel
 ATTN_HEAD_DIM = 32  # attention heads = d_model / 32
@@ -122,6 +129,35 @@ def task(seq_len, kv_pairs):
 runs = []
 
 
+def hyperparameters():
+    return {
+        "seq_len": SEQ_LEN, "num_kv_pairs": NUM_KV_PAIRS, "vocab_size": VOCAB, "power_a": POWER_A,
+        "learning_rates": list(LRS), "sweep_width": SWEEP_WIDTH, "widths": list(WIDTHS),
+        "lengths": [list(x) for x in LENGTHS], "retune_below": RETUNE_BELOW, "n_layer": N_LAYER, "d_state": D_STATE,
+        "attn_head_dim": ATTN_HEAD_DIM, "batch_size": BATCH, "steps": STEPS, "warmup_steps": WARMUP,
+        "weight_decay": WEIGHT_DECAY, "eval_every": EVAL_EVERY, "eval_size": EVAL_SIZE, "seed": SEED,
+    }
+
+
+def recorded_runs():
+    """The finished runs of an earlier invocation's results JSON, by run name, where every
+    hyperparameter that shapes a single run matches this invocation's (the sweep's grid may differ)."""
+    path = Path(args.out) / f"{NAME}.json"
+    if args.quick or not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    grid = {"seq_len", "num_kv_pairs", "learning_rates", "sweep_width", "widths", "lengths", "retune_below"}
+    mine = {k: v for k, v in hyperparameters().items() if k not in grid}
+    theirs = previous.get("hyperparameters", {})
+    if any(theirs.get(k) != v for k, v in mine.items()):
+        print(f"{path}: other hyperparameters, its runs are not reused", flush=True)
+        return {}
+    return {r["run"]: r for r in previous.get("runs", [])}
+
+
+recorded = recorded_runs()
+
+
 def train(stage, name, d_model, lr, seq_len=SEQ_LEN, kv_pairs=NUM_KV_PAIRS):
     """Trains (or resumes, or only evaluates when finished) one run and records it."""
     batch_fn, eval_batch = task(seq_len, kv_pairs)
@@ -130,6 +166,10 @@ def train(stage, name, d_model, lr, seq_len=SEQ_LEN, kv_pairs=NUM_KV_PAIRS):
     run_name = f"{name.lower().rstrip('+')}_d{d_model}_lr{lr:g}_l{seq_len}"
     print(f"\n== {stage}: {name}, d_model {d_model}, lr {lr:g}, length {seq_len} ({kv_pairs} pairs): "
           f"{n_params:,} parameters", flush=True)
+    if run_name in recorded:
+        runs.append({**recorded[run_name], "stage": stage})
+        print(f"{run_name}: taken from the results JSON (query accuracy {recorded[run_name]['final']['accuracy']:.1%})")
+        return
     config = TrainConfig(total_steps=STEPS, learning_rate=lr, warmup_steps=WARMUP, weight_decay=WEIGHT_DECAY,
                          log_every=min(50, STEPS), eval_every=EVAL_EVERY, checkpoint_every=CHECKPOINT_EVERY, seed=SEED)
     trainer = Trainer(model, config, workdir=Path(args.workdir) / run_name, progress=not args.quick, description=run_name)
@@ -156,6 +196,12 @@ def best_lr(name):
     return max(mine, key=lambda r: (r["final"]["accuracy"], -r["learning_rate"]))["learning_rate"]
 
 
+def width_accuracy(name, d_model):
+    """The best final query accuracy of ``name`` at width ``d_model`` (length SEQ_LEN) over the rates tried."""
+    return max(r["final"]["accuracy"] for r in runs if r["model"] == name and r["d_model"] == d_model
+               and r["seq_len"] == SEQ_LEN and (r["stage"] == "width" or r["learning_rate"] == best_lr(name)))
+
+
 def report(complete):
     """The table, the figure and the JSON of the runs so far."""
     print(f"\n{'stage':6s} {'model':14s} {'d':>4s} {'lr':>7s} {'len':>4s} {'query acc':>10s} {'seq acc':>8s}")
@@ -165,11 +211,15 @@ def report(complete):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for i, name in enumerate(MODELS):
         for ax, stage, key in ((axes[0], "lr", "learning_rate"), (axes[1], "width", "d_model"), (axes[2], "length", "seq_len")):
-            mine = sorted((r for r in runs if r["model"] == name and (r["stage"] == stage or (
-                stage != "lr" and r["stage"] == "lr" and r["learning_rate"] == best_lr(name)))), key=lambda r: r[key])
-            ax.plot([r[key] for r in mine], [100 * r["final"]["accuracy"] for r in mine], "o-", color=f"C{i}", label=name)
+            best = {}  # x -> the best final accuracy over the runs at x (stage 4 adds rates at some widths)
+            for r in runs:
+                if r["model"] == name and (r["stage"] == stage or (
+                        stage != "lr" and r["stage"] == "lr" and r["learning_rate"] == best_lr(name))):
+                    best[r[key]] = max(best.get(r[key], 0.0), 100 * r["final"]["accuracy"])
+            ax.plot(sorted(best), [best[x] for x in sorted(best)], "o-", color=f"C{i}", label=name)
     for ax, label in zip(axes, ("learning rate (d_model %d, length %d)" % (SWEEP_WIDTH, SEQ_LEN),
-                                "d_model (best rate, length %d)" % SEQ_LEN, "sequence length (d_model %d, best rate)" % SWEEP_WIDTH)):
+                                "d_model (best rate tried, length %d)" % SEQ_LEN,
+                                "sequence length (d_model %d, best rate)" % SWEEP_WIDTH)):
         ax.set_xscale("log", base=2 if "rate" not in label.split(" (")[0] else 10)
         ax.set(xlabel=label, ylabel="held-out query accuracy (%)", ylim=(0, 102))
         ax.axhline(100 / NUM_KV_PAIRS, color="k", lw=0.5, ls=":")
@@ -180,13 +230,7 @@ def report(complete):
     plt.close(fig)
     write_results(args, NAME, {
         "complete": complete,
-        "hyperparameters": {
-            "seq_len": SEQ_LEN, "num_kv_pairs": NUM_KV_PAIRS, "vocab_size": VOCAB, "power_a": POWER_A,
-            "learning_rates": list(LRS), "sweep_width": SWEEP_WIDTH, "widths": list(WIDTHS),
-            "lengths": [list(x) for x in LENGTHS], "n_layer": N_LAYER, "d_state": D_STATE,
-            "attn_head_dim": ATTN_HEAD_DIM, "batch_size": BATCH, "steps": STEPS, "warmup_steps": WARMUP,
-            "weight_decay": WEIGHT_DECAY, "eval_every": EVAL_EVERY, "eval_size": EVAL_SIZE, "seed": SEED,
-        },
+        "hyperparameters": hyperparameters(),
         "runs": runs,
         "baseline_accuracy": {
             "uniform_over_values": 1 / (VOCAB - VOCAB // 2),
@@ -214,4 +258,12 @@ for name in MODELS:
 for name in MODELS:
     for seq_len, kv_pairs in LENGTHS:
         train("length", name, SWEEP_WIDTH, best_lr(name), seq_len, kv_pairs)
+
+# %% Stage 4: the other rates at the widths the best rate left at the plateau
+# (the rate nearest the best one first, at every such width, then the next; a width stops once a rate works)
+for name in MODELS:
+    for lr in sorted(LRS, key=lambda r: abs(math.log(r / best_lr(name))))[1:]:
+        for d_model in WIDTHS:
+            if d_model != SWEEP_WIDTH and width_accuracy(name, d_model) < RETUNE_BELOW:
+                train("width", name, d_model, lr)
 report(complete=True)
