@@ -14,7 +14,12 @@
 #    speed-ups are ratios measured in the same run;
 # 3. the selective scan alone at the training shape (b 16, l 256, d_inner 256,
 #    n 16, with D, z and softplus): forward and forward+backward per
-#    implementation.
+#    implementation;
+# 4. where Mamba's step goes: the same model with the scan replaced by an
+#    elementwise stand-in that reads every input of the scan (so nothing around
+#    it is dead code), compiled and timed in the same rounds: the difference is
+#    the scan's share, the rest is everything else (projections, conv, norms,
+#    gates, embedding, loss, AdamW), with its own step/forward ratio.
 #
 # The CPU may be shared with other jobs: only the ratios mean something, and
 # the load average before and after is recorded. Each call is timed in wall
@@ -38,6 +43,7 @@ from flax import nnx
 import mamba_jax as mj
 from _common import cpu_model, parse_args, save_figure, write_results
 from mamba_jax import train as mj_train
+from pallas_kernels.selective_scan.reference import finish, prepare
 
 NAME = "bench_train_step_cpu"
 
@@ -59,7 +65,8 @@ _scan_module = sys.modules["mamba_jax.ops.selective_scan"]  # the module (the pa
 @contextlib.contextmanager
 def swapped_scan_impls(swap):
     """While open, each implementation ``impl`` in ``swap`` (the one ``"auto"``
-    picks included) traces to ``swap[impl]``; compile inside it.
+    picks included) traces to ``swap[impl]`` (another implementation's name, or a
+    function with the signature of ``_impl_fn``'s); compile inside it.
 
     The swap is made where the implementation is chosen (``_impl_fn``), so the
     jitted implementation gets another static argument: jax's trace cache
@@ -67,7 +74,8 @@ def swapped_scan_impls(swap):
     current = _scan_module._impl_fn
 
     def previous(impl, chunk_size, platform):
-        return current(swap.get(impl, impl), chunk_size, platform)
+        target = swap.get(impl, impl)
+        return target if callable(target) else current(target, chunk_size, platform)
 
     _scan_module._impl_fn = previous
     try:
@@ -76,6 +84,15 @@ def swapped_scan_impls(swap):
         _scan_module._impl_fn = current
 
 
+def scan_stand_in(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, keep):
+    """Not a scan: O(b l d) elementwise work that uses every input the scan uses
+    (so their producers and gradients stay in the program), for the ablation."""
+    u_, dt, A_, B_, C_, h0 = prepare(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
+    y = u_ * dt + jnp.sum(B_ * C_, axis=-1, keepdims=True)
+    return finish(y, h0 + jnp.sum(dt, axis=1)[..., None] * A_, u, D, z)
+
+
+STAND_IN = "mamba (scan replaced by a stand-in)"
 CONFIGS = {
     "mamba": mj.MambaConfig(d_model=D_MODEL, n_layer=MAMBA_LAYERS, vocab_size=VOCAB, d_state=D_STATE),
     "mamba (XLA sequential scan)": mj.MambaConfig(
@@ -84,6 +101,7 @@ CONFIGS = {
     "mamba (previous scan backward)": mj.MambaConfig(
         d_model=D_MODEL, n_layer=MAMBA_LAYERS, vocab_size=VOCAB, d_state=D_STATE
     ),
+    STAND_IN: mj.MambaConfig(d_model=D_MODEL, n_layer=MAMBA_LAYERS, vocab_size=VOCAB, d_state=D_STATE),
     "transformer_pp": mj.MambaConfig.transformer_pp(
         d_model=D_MODEL, n_layer=TPP_LAYERS, vocab_size=VOCAB, attn_num_heads=ATTN_HEADS
     ),
@@ -93,6 +111,7 @@ CONFIGS = {
 SWAPS = {
     "mamba (XLA sequential scan)": {"cpu": "sequential"},
     "mamba (previous scan backward)": {"cpu": "sequential_v0", "sequential": "sequential_v0"},
+    STAND_IN: {"cpu": scan_stand_in, "sequential": scan_stand_in},
 }
 
 rng = np.random.default_rng(0)
@@ -238,9 +257,27 @@ for impl, r in scan_rows.items():
           f"  ({r['forward_backward_over_forward']:.1f}x fwd; {r['forward_backward_over_previous_sequential']:.2f}x of "
           f"sequential_v0; of minima {r['of_minima_forward_backward_over_previous_sequential']:.2f}x)")
 
+# Where Mamba's step goes: the model against itself with the scan replaced (medians).
+m, rest = rows["mamba"], rows[STAND_IN]
+scan_step, scan_fwd = m["step_s_median"] - rest["step_s_median"], m["forward_s_median"] - rest["forward_s_median"]
+breakdown = {
+    "what": f"'mamba' against '{STAND_IN}' (the scan swapped for O(b l d) elementwise work on the same inputs): "
+            "the difference is the scan's time in the model, the stand-in's times are everything else",
+    "scan_s_in_step": scan_step, "scan_s_in_forward": scan_fwd,
+    "scan_share_of_step": scan_step / m["step_s_median"], "scan_share_of_forward": scan_fwd / m["forward_s_median"],
+    "scan_step_over_forward": scan_step / scan_fwd,
+    "rest_s_in_step": rest["step_s_median"], "rest_s_in_forward": rest["forward_s_median"],
+    "rest_step_over_forward": rest["step_over_forward"],
+    "scan_alone_times_layers_s": {"forward": MAMBA_LAYERS * scan_rows["cpu"]["forward_s_median"],
+                                  "forward_backward": MAMBA_LAYERS * scan_rows["cpu"]["forward_backward_s_median"]},
+}
+print(f"\nwhere Mamba's step goes: scan {scan_step * 1e3:.0f} ms of {m['step_s_median'] * 1e3:.0f} "
+      f"({breakdown['scan_share_of_step']:.0%}; its step/fwd {breakdown['scan_step_over_forward']:.2f}), "
+      f"the rest {rest['step_s_median'] * 1e3:.0f} ms (step/fwd {rest['step_over_forward']:.2f})")
+
 results = {
     "cpu_model": cpu_model(),
-    "note": "measured under load: the CPU was shared with other jobs (load average below); "
+    "note": "the CPU may be shared with other jobs (load average below): "
     "only the ratios of one run mean something, absolute times do not",
     "load_average": {"before": load_before, "after": os.getloadavg()},
     "setup": {"d_model": D_MODEL, "mamba_layers": MAMBA_LAYERS, "transformer_pp_blocks": TPP_LAYERS,
@@ -287,6 +324,7 @@ results = {
         "targets": {"mamba_train_tokens_per_s_over_transformer_pp": 0.8, "mamba_step_over_forward": 3.0},
     },
     "scan": {"shape_b_l_d_n": list(SCAN_SHAPE), "options": "D, z, delta_bias, delta_softplus", "impls": scan_rows},
+    "where_the_step_goes": breakdown,
 }
 write_results(args, NAME, results)
 
@@ -315,6 +353,6 @@ ax2.bar(x + 0.2, [scan_rows[i]["forward_backward_s_median"] * 1e3 for i in impls
 ax2.set_xticks(x, impls, fontsize=8)
 ax2.set(ylabel="ms (median)", title=f"selective_scan alone, (b, l, d, n) = {SCAN_SHAPE}")
 ax2.legend(fontsize=8)
-fig.suptitle(f"{cpu_model()}, {os.cpu_count()} cores, float32; measured under load "
+fig.suptitle(f"{cpu_model()}, {os.cpu_count()} cores, float32; "
              f"(load average {load_before[0]:.1f} -> {results['load_average']['after'][0]:.1f}): ratios only", fontsize=8)
 save_figure(args, NAME, fig)
