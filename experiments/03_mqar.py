@@ -18,10 +18,10 @@
 #
 # 1. a learning-rate sweep (LRS) at width 64 for both models (Zoology sweeps it per point;
 #    Okpekpe & Orvieto find Mamba's window of working rates narrow);
-# 2. widths WIDTHS at each model's best rate from stage 1;
-# 3. longer sequences (LENGTHS, with more key-value pairs) at width 64 and the best rate;
-# 4. the other rates of LRS at each width whose stage-2 run stayed below RETUNE_BELOW (a
-#    learning rate tuned at one width need not work at another: Zoology tunes it per point).
+# 2. widths WIDTHS at each model's best rate from stage 1, then the other rates of RETUNE_LRS
+#    (LRS and one rate above it) at each width whose run stayed below RETUNE_BELOW (a learning
+#    rate tuned at one width need not work at another: Zoology tunes it per point);
+# 3. longer sequences (LENGTHS, with more key-value pairs) at width 64 and the best rate.
 #
 # The results JSON and figure are rewritten after every run (``"complete": false`` until the
 # last), and a killed invocation resumes each run from its checkpoints in ``--workdir``. A run
@@ -69,7 +69,8 @@ LRS = (1e-3, 3e-3, 1e-2)  # stage 1, at SWEEP_WIDTH
 SWEEP_WIDTH = 64
 WIDTHS = (32, 64, 128)  # stage 2 (Zoology: 64-512)
 LENGTHS = ((128, 8), (256, 16))  # stage 3: (sequence length, key-value pairs) at SWEEP_WIDTH
-RETUNE_BELOW = 0.5  # stage 4: a width at the 1/NUM_KV_PAIRS plateau gets the other rates
+RETUNE_BELOW = 0.5  # stage 2: a width at the 1/NUM_KV_PAIRS plateau gets the other rates
+RETUNE_LRS = (*LRS, 3e-2)  # stage 2's rates, tried nearest the best rate first
 N_LAYER = 2  # as in Zoology
 D_STATE = 16  # Mamba-1's default state size per channel
 ATTN_HEAD_DIM = 32  # attention heads = d_model / 32
@@ -114,6 +115,7 @@ args = parse_args(NAME, __doc__)
 if args.quick:  # a smoke run: tiny task, a few steps, no checkpoints
     SEQ_LEN, NUM_KV_PAIRS, VOCAB, BATCH, STEPS, WARMUP = 16, 2, 32, 8, 4, 1
     LRS, SWEEP_WIDTH, WIDTHS, LENGTHS = (1e-3, 3e-3), 16, (16, 32), ((32, 4),)
+    RETUNE_LRS = LRS
     EVAL_EVERY, EVAL_SIZE, CHECKPOINT_EVERY = 2, 16, 0
 
 data_key, eval_key = jax.random.key(SEED + 1), jax.random.key(10_000 + SEED)
@@ -133,7 +135,8 @@ def hyperparameters():
     return {
         "seq_len": SEQ_LEN, "num_kv_pairs": NUM_KV_PAIRS, "vocab_size": VOCAB, "power_a": POWER_A,
         "learning_rates": list(LRS), "sweep_width": SWEEP_WIDTH, "widths": list(WIDTHS),
-        "lengths": [list(x) for x in LENGTHS], "retune_below": RETUNE_BELOW, "n_layer": N_LAYER, "d_state": D_STATE,
+        "lengths": [list(x) for x in LENGTHS], "retune_below": RETUNE_BELOW, "retune_learning_rates": list(RETUNE_LRS),
+        "n_layer": N_LAYER, "d_state": D_STATE,
         "attn_head_dim": ATTN_HEAD_DIM, "batch_size": BATCH, "steps": STEPS, "warmup_steps": WARMUP,
         "weight_decay": WEIGHT_DECAY, "eval_every": EVAL_EVERY, "eval_size": EVAL_SIZE, "seed": SEED,
     }
@@ -146,7 +149,8 @@ def recorded_runs():
     if args.quick or not path.exists():
         return {}
     previous = json.loads(path.read_text())
-    grid = {"seq_len", "num_kv_pairs", "learning_rates", "sweep_width", "widths", "lengths", "retune_below"}
+    grid = {"seq_len", "num_kv_pairs", "learning_rates", "sweep_width", "widths", "lengths", "retune_below",
+            "retune_learning_rates"}
     mine = {k: v for k, v in hyperparameters().items() if k not in grid}
     theirs = previous.get("hyperparameters", {})
     if any(theirs.get(k) != v for k, v in mine.items()):
@@ -250,20 +254,20 @@ for name in MODELS:
     for lr in LRS:
         train("lr", name, SWEEP_WIDTH, lr)
 
-# %% Stage 2: widths at the best rate; stage 3: longer sequences
+# %% Stage 2: widths at the best rate, then the other rates at the widths it left at the plateau
+# (the rate nearest the best one first, at every such width, then the next; a width stops once a rate works)
 for name in MODELS:
     for d_model in WIDTHS:
         if d_model != SWEEP_WIDTH:
             train("width", name, d_model, best_lr(name))
+    for lr in sorted(RETUNE_LRS, key=lambda r: abs(math.log(r / best_lr(name))))[1:]:
+        for d_model in WIDTHS:
+            if d_model != SWEEP_WIDTH and width_accuracy(name, d_model) < RETUNE_BELOW:
+                train("width", name, d_model, lr)
+
+# %% Stage 3: longer sequences at the best rate
 for name in MODELS:
     for seq_len, kv_pairs in LENGTHS:
         train("length", name, SWEEP_WIDTH, best_lr(name), seq_len, kv_pairs)
 
-# %% Stage 4: the other rates at the widths the best rate left at the plateau
-# (the rate nearest the best one first, at every such width, then the next; a width stops once a rate works)
-for name in MODELS:
-    for lr in sorted(LRS, key=lambda r: abs(math.log(r / best_lr(name))))[1:]:
-        for d_model in WIDTHS:
-            if d_model != SWEEP_WIDTH and width_accuracy(name, d_model) < RETUNE_BELOW:
-                train("width", name, d_model, lr)
 report(complete=True)
