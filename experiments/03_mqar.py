@@ -235,7 +235,8 @@ def report(complete):
     write_results(args, NAME, {
         "complete": complete,
         "hyperparameters": hyperparameters(),
-        "runs": runs,
+        # the earlier invocation's runs this one has not reached yet stay in the file
+        "runs": runs + [r for name, r in recorded.items() if name not in {x["run"] for x in runs}],
         "baseline_accuracy": {
             "uniform_over_values": 1 / (VOCAB - VOCAB // 2),
             "random_value_of_the_context": 1 / NUM_KV_PAIRS,  # the plateau before key-value binding is learned
