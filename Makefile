@@ -74,6 +74,7 @@ bench: $(VENV)/.installed-bench+experiments
 	$(BIN)/python experiments/bench_scan.py
 	$(BIN)/python experiments/bench_forward.py
 	$(BIN)/python experiments/bench_train_step.py
+	$(BIN)/python experiments/profile_train_step.py
 
 clean:
 	rm -rf $(VENV) $(VENV312) .pytest_cache checkpoints
