@@ -223,7 +223,7 @@ def report(complete):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for i, name in enumerate(MODELS):
         for ax, stage, key in ((axes[0], "lr", "learning_rate"), (axes[1], "width", "d_model"), (axes[2], "length", "seq_len")):
-            best = {}  # x -> the best final accuracy over the runs at x (stage 4 adds rates at some widths)
+            best = {}  # x -> the best final accuracy over the runs at x (stage 2 retunes some widths)
             for r in runs:
                 if r["model"] == name and (r["stage"] == stage or (
                         stage != "lr" and r["stage"] == "lr" and r["learning_rate"] == best_lr(name))):
@@ -253,7 +253,8 @@ def report(complete):
         "scaled_down": (
             f"Zoology's sweep at CPU scale: vocabulary {VOCAB} instead of 8192, widths {list(WIDTHS)} (Zoology: 64-512), "
             f"{STEPS} steps of batch {BATCH} (~{STEPS * BATCH // 1000}K sequences, each seen once; Zoology: 100K "
-            f"training sequences for up to 64 epochs), learning rates {list(LRS)} swept at width {SWEEP_WIDTH} only."
+            f"training sequences for up to 64 epochs), learning rates {list(LRS)} swept at width {SWEEP_WIDTH}, "
+            f"{list(RETUNE_LRS)} tried only at widths the best rate left below {RETUNE_BELOW:.0%}, one seed per point."
         ),
     })
 
