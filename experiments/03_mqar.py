@@ -168,20 +168,20 @@ missing = []  # runs --report-only skipped
 
 def train(stage, name, d_model, lr, seq_len=SEQ_LEN, kv_pairs=NUM_KV_PAIRS):
     """Trains (or resumes, or only evaluates when finished) one run and records it."""
-    batch_fn, eval_batch = task(seq_len, kv_pairs)
-    model = mj.MambaLM(MODELS[name](d_model), rngs=nnx.Rngs(SEED))
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     run_name = f"{name.lower().rstrip('+')}_d{d_model}_lr{lr:g}_l{seq_len}"
-    print(f"\n== {stage}: {name}, d_model {d_model}, lr {lr:g}, length {seq_len} ({kv_pairs} pairs): "
-          f"{n_params:,} parameters", flush=True)
-    if run_name in recorded:
+    heading = f"\n== {stage}: {name}, d_model {d_model}, lr {lr:g}, length {seq_len} ({kv_pairs} pairs)"
+    if run_name in recorded:  # neither the model nor the task is built for a recorded run
         runs.append({**recorded[run_name], "stage": stage})
-        print(f"{run_name}: taken from the results JSON (query accuracy {recorded[run_name]['final']['accuracy']:.1%})")
+        print(f"{heading}: taken from the results JSON (query accuracy {recorded[run_name]['final']['accuracy']:.1%})")
         return
     if args.report_only:
         missing.append(run_name)
-        print(f"{run_name}: not run (--report-only)")
+        print(f"{heading}: not run (--report-only)")
         return
+    batch_fn, eval_batch = task(seq_len, kv_pairs)
+    model = mj.MambaLM(MODELS[name](d_model), rngs=nnx.Rngs(SEED))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    print(f"{heading}: {n_params:,} parameters", flush=True)
     config = TrainConfig(total_steps=STEPS, learning_rate=lr, warmup_steps=WARMUP, weight_decay=WEIGHT_DECAY,
                          log_every=min(50, STEPS), eval_every=EVAL_EVERY, checkpoint_every=CHECKPOINT_EVERY, seed=SEED)
     trainer = Trainer(model, config, workdir=Path(args.workdir) / run_name, progress=not args.quick, description=run_name)
@@ -240,11 +240,12 @@ def report(complete):
                  + ("" if complete else " (incomplete)"))
     save_figure(args, NAME, fig)
     plt.close(fig)
+    reached = {r["run"] for r in runs}
     write_results(args, NAME, {
         "complete": complete,
         "hyperparameters": hyperparameters(),
         # the earlier invocation's runs this one has not reached yet stay in the file
-        "runs": runs + [r for name, r in recorded.items() if name not in {x["run"] for x in runs}],
+        "runs": runs + [r for name, r in recorded.items() if name not in reached],
         "baseline_accuracy": {
             "uniform_over_values": 1 / (VOCAB - VOCAB // 2),
             "random_value_of_the_context": 1 / NUM_KV_PAIRS,  # the plateau before key-value binding is learned
