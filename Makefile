@@ -21,7 +21,7 @@ BIN312  := $(VENV312)/bin
 # The test runs use the CPU even where libtpu is installed (the TPU compile tests ask for
 # a TPU topology themselves), and libtpu does not query a cloud metadata server.
 TEST_ENV := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1
-PYTEST   := -m pytest -q -n 2
+PYTEST   := -m pytest -q -n 2 --durations=20
 
 .PHONY: demo test test-floor test-newest test-all bench clean
 

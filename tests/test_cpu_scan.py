@@ -41,16 +41,17 @@ def _seq_idx(b, l, seed=0):
     return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
 
 
-def _run(impl, args, seq_idx, chunk_size=None):
+def _run(impl, args, seq_idx, chunk_size=None, softplus=True):
     kw = {} if chunk_size is None else dict(chunk_size=chunk_size)
-    return mj.ops.selective_scan(**args, delta_softplus=True, return_final_state=True, impl=impl, seq_idx=seq_idx, **kw)
+    return mj.ops.selective_scan(**args, delta_softplus=softplus, return_final_state=True, impl=impl, seq_idx=seq_idx,
+                                 **kw)
 
 
-def _grads(impl, args, seq_idx, cot_y, cot_h, chunk_size=None):
+def _grads(impl, args, seq_idx, cot_y, cot_h, chunk_size=None, softplus=True):
     names = [k for k in NAMES if k in args]
 
     def loss(*values):
-        y, h = _run(impl, dict(zip(names, values)), seq_idx, chunk_size)
+        y, h = _run(impl, dict(zip(names, values)), seq_idx, chunk_size, softplus)
         return jnp.sum(y.astype(jnp.float32) * cot_y) + jnp.sum(h * cot_h)
 
     return dict(zip(names, jax.jit(jax.grad(loss, argnums=tuple(range(len(names)))))(*(args[k] for k in names))))
@@ -90,6 +91,34 @@ def test_matches_oracle_and_reference(shape, chunk, packed, h0, dtype):
         assert out[k].shape == ref[k].shape and out[k].dtype == args[k].dtype, k
         # bf16: both gradients are float32 arithmetic on the same bf16 inputs, rounded to bf16 at the end.
         assert rel_err(out[k], ref[k]) < GRAD_TOL[name], k
+
+
+# Which of D, z, delta_bias are given, softplus, and a scale on delta (x 30: softplus and
+# its gradient far into both tails, where the kernel's own exp/log1p take over).
+OPTIONAL = [
+    (dict(D=False, z=False, bias=False), False, 1.0),  # the bare recurrence, delta used as dt
+    (dict(D=False, z=True, bias=False), True, 1.0),
+    (dict(D=True, z=False, bias=True), True, 1.0),
+    (dict(D=True, z=True, bias=True), True, 30.0),
+]
+
+
+@pytest.mark.parametrize("given, softplus, scale", OPTIONAL, ids=["bare", "gate", "skip+bias", "softplus-tails"])
+def test_optional_arguments(given, softplus, scale):
+    b, l, d, n = 2, 37, 48, 8
+    args = make_scan_inputs(7, b, l, d, n, None, **given)
+    args["delta"] = scale * args["delta"] if softplus else jnp.abs(args["delta"])
+    y, h = _run("cpu", args, None, 16, softplus)
+    y64, h64 = selective_scan_oracle(**args, delta_softplus=softplus)
+    assert rel_err(y, y64) < TOL["float32"] and rel_err(h, h64) < TOL["float32"]
+    kc = jax.random.split(jax.random.key(6))
+    cot_y = jax.random.normal(kc[0], (b, l, d), jnp.float32)
+    cot_h = jax.random.normal(kc[1], (b, d, n), jnp.float32)
+    ref = _grads("reference", args, None, cot_y, cot_h, softplus=softplus)
+    out = _grads("cpu", args, None, cot_y, cot_h, 16, softplus)
+    assert set(out) == set(ref) == {k for k in NAMES if k in args}
+    for k in ref:
+        assert rel_err(out[k], ref[k]) < GRAD_TOL["float32"], k
 
 
 def test_packed_documents_drop_the_state():
@@ -165,13 +194,17 @@ def test_build_failure_shows_the_compiler_error(monkeypatch, tmp_path):
     assert not list((tmp_path / "cache" / "cpu_scan").glob("*.so")), "a failed build leaves no library"
 
 
-def test_core_errors_name_the_argument():
+def test_kernel_errors_name_the_argument():
     b, l, d, n = 1, 4, 8, 3
     z = lambda *s: jnp.zeros(s, jnp.float32)
-    with pytest.raises(ValueError, match=r"dt must be float32 with shape \(1, 4, 8\)"):
-        cpu.selective_scan_core(z(b, l, d), z(b, l, d + 1), z(d, n), z(b, l, 1, n), z(b, l, 1, n), z(b, d, n), None, 4)
+    args = lambda **kw: {**dict(u=z(b, l, d), delta=z(b, l, d), A=z(d, n), B=z(b, l, 1, n), C=z(b, l, 1, n), D=None,
+                                z=None, delta_bias=None, h0=z(b, d, n), keep=None), **kw}
+    with pytest.raises(ValueError, match=r"delta must be float32 with shape \(1, 4, 8\)"):
+        cpu.selective_scan(**args(delta=z(b, l, d + 1)), delta_softplus=True, chunk=4)
+    with pytest.raises(ValueError, match=r"z must be float32 with shape \(1, 4, 8\)"):
+        cpu.selective_scan(**args(z=z(b, l, d).astype(jnp.bfloat16)), delta_softplus=True, chunk=4)
     with pytest.raises(ValueError, match="chunk=0"):
-        cpu.selective_scan_core(z(b, l, d), z(b, l, d), z(d, n), z(b, l, 1, n), z(b, l, 1, n), z(b, d, n), None, 0)
+        cpu.selective_scan(**args(), delta_softplus=True, chunk=0)
 
 
 def test_vmap():

@@ -30,7 +30,8 @@ Implementations (``impl=``):
 * ``"cpu"``        the same algorithm as ``"sequential"`` (boundary states every
   ``chunk_size`` steps, recompute and one fused reverse loop in the backward) as
   one native C++ kernel through XLA FFI (``pallas_kernels.selective_scan.cpu``),
-  built on first use with the system C++ compiler; CPU only.
+  with the bias, softplus, skip and gate (and their gradients) in the same
+  passes; built on first use with the system C++ compiler; CPU only.
 * ``"pallas"``     the Pallas kernels in ``pallas_kernels.selective_scan``: the Mosaic
   kernel on TPU, the Triton kernel on CUDA, the TPU kernel in interpret mode
   elsewhere (CPU: for tests).
@@ -331,16 +332,18 @@ def _xla_selective_scan(impl, chunk_size, u, delta, A, B, C, D, z, delta_bias, d
 
 @functools.partial(jax.jit, static_argnums=(0, 9))
 def _cpu_selective_scan(chunk_size, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, keep):
-    """``prepare`` -> the native CPU core (``pallas_kernels.selective_scan.cpu``) -> ``finish``."""
+    """The native CPU kernel (``pallas_kernels.selective_scan.cpu``): bias, softplus,
+    skip and gate included; only the float32 casts stay in XLA."""
     from pallas_kernels.selective_scan import cpu
 
     b, l, d = u.shape
-    u_, dt, A_, B_, C_, h0 = prepare(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
-    n = A_.shape[-1]
-    y, hT = cpu.selective_scan_core(
-        u_.reshape(b, l, d), dt.reshape(b, l, d), A_.reshape(d, n), B_, C_, h0.reshape(b, d, n), keep, chunk_size
+    f32 = lambda x: None if x is None else x.astype(_F32)
+    h0 = jnp.zeros((b, d, A.shape[1]), _F32) if initial_state is None else initial_state.astype(_F32)
+    y, hT = cpu.selective_scan(
+        f32(u), f32(delta), f32(A), f32(B), f32(C), f32(D), f32(z), f32(delta_bias), h0, keep,
+        delta_softplus=delta_softplus, chunk=chunk_size,
     )
-    return finish(y, hT, u, D, z)
+    return y.astype(u.dtype), hT
 
 
 # --------------------------------------------------------------------------

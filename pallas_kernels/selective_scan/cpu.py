@@ -1,12 +1,14 @@
-"""Selective scan core on CPU: one native C++ kernel (cpu_scan.cc) through XLA FFI.
+"""Selective scan on CPU: one native C++ kernel (cpu_scan.cc) through XLA FFI.
 
-XLA:CPU runs each time step of the ``lax.scan`` core as several small fusions;
-here the whole core, forward and backward, is one loop nest in C++. The core
-is what ``prepare`` (pallas_kernels/selective_scan/reference.py) hands over:
-float32 u, dt (b, l, d) with the bias and softplus applied, A (d, n), B, C
-(b, l, g, n), h0 (b, d, n) and the continuation mask keep (b, l) of packed
-documents (or None); it returns y (b, l, d) before D and the gate, and the final
-state (b, d, n). ``finish`` stays in XLA.
+XLA:CPU runs each time step of the ``lax.scan`` core as several small fusions
+and every elementwise step around it (bias, softplus, skip, gate and their
+gradients) as a separate pass over (b, l, d); here all of it, forward and
+backward, is one loop nest in C++. It takes float32 u, delta (b, l, d) before
+the bias and softplus, A (d, n), B, C (b, l, g, n), optional D (d), z (b, l, d)
+and delta_bias (d), the initial state h0 (b, d, n) and the continuation mask
+keep (b, l) of packed documents (or None); it returns y (b, l, d) with the skip
+and gate applied and the final state (b, d, n). The casts from and to the
+caller's dtypes stay in XLA.
 
 The forward saves the state at the start of every chunk of ``chunk`` steps
 (b, ceil(l / chunk), d, n): training memory O(l / chunk). The backward, chunk by
@@ -42,7 +44,6 @@ SOURCE = pathlib.Path(__file__).with_name("cpu_scan.cc")
 # -fopenmp-simd: the `omp simd` reductions over channels vectorise (no OpenMP runtime);
 # -fno-trapping-math: the clamp in fast_exp becomes a vector min/max (the values are unchanged).
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-trapping-math", "-w")
-BLOCK_CHANNELS = 32  # kBlock in cpu_scan.cc: channels per work item (dB, dC come back per block)
 _F32 = jnp.float32
 
 
@@ -148,69 +149,90 @@ mlir.register_lowering(_cpu_only_p, lambda ctx, x: [x], platform="cpu")
 
 
 # --------------------------------------------------------------------------
-# The core: custom_vjp with explicit _fwd / _bwd
+# The scan: custom_vjp with explicit _fwd / _bwd
 # --------------------------------------------------------------------------
 
 
-def selective_scan_core(u, dt, A, B, C, h0, keep, chunk: int):
-    """``(y (b, l, d), final state (b, d, n))``, float32; see the module docstring."""
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, h0, keep, *, delta_softplus: bool, chunk: int):
+    """``(y (b, l, d), final state (b, d, n))``, float32; see the module docstring.
+
+    D, z and delta_bias may be None (no skip, no gate, no bias); keep is None or
+    the (b, l) continuation mask of packed documents.
+    """
     b, l, d = u.shape
     g, n = B.shape[2], B.shape[3]
-    for name, x, shape in (("u", u, (b, l, d)), ("dt", dt, (b, l, d)), ("A", A, (d, n)),
-                           ("B", B, (b, l, g, n)), ("C", C, (b, l, g, n)), ("h0", h0, (b, d, n))):
-        if tuple(x.shape) != shape or x.dtype != _F32:
+    for name, x, shape in (("u", u, (b, l, d)), ("delta", delta, (b, l, d)), ("A", A, (d, n)),
+                           ("B", B, (b, l, g, n)), ("C", C, (b, l, g, n)), ("D", D, (d,)), ("z", z, (b, l, d)),
+                           ("delta_bias", delta_bias, (d,)), ("h0", h0, (b, d, n)), ("keep", keep, (b, l))):
+        if x is not None and (tuple(x.shape) != shape or x.dtype != _F32):
             raise ValueError(f"{name} must be float32 with shape {shape}, got {name}.shape={tuple(x.shape)} "
                              f"{name}.dtype={x.dtype}")
-    if keep is not None and (tuple(keep.shape) != (b, l) or keep.dtype != _F32):
-        raise ValueError(f"keep must be float32 with shape (b, l)={(b, l)}, got {keep.shape} {keep.dtype}")
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"{chunk=} must be a positive int")
     _register()
-    return _core(u, dt, A, B, C, h0, keep, chunk)
+    return _scan(u, delta, A, B, C, D, z, delta_bias, h0, keep, bool(delta_softplus), chunk)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _core(u, dt, A, B, C, h0, keep, chunk):
-    (y, hT), _ = _fwd(u, dt, A, B, C, h0, keep, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
+def _scan(u, delta, A, B, C, D, z, delta_bias, h0, keep, softplus, chunk):
+    (y, hT), _ = _fwd(u, delta, A, B, C, D, z, delta_bias, h0, keep, softplus, chunk)
     return y, hT
 
 
-def _fwd(u, dt, A, B, C, h0, keep, chunk):
+def _kernel_args(u, D, z, delta_bias, keep):
+    """The kernel's stand-ins for absent arguments: D and bias 0, a gate of size 0, keep 1."""
+    b, l, d = u.shape
+    return (jnp.zeros((d,), _F32) if D is None else D,
+            jnp.zeros((0,), _F32) if z is None else z,
+            jnp.zeros((d,), _F32) if delta_bias is None else delta_bias,
+            jnp.ones((b, l), _F32) if keep is None else keep)
+
+
+def _fwd(u, delta, A, B, C, D, z, delta_bias, h0, keep, softplus, chunk):
     b, l, d = u.shape
     n = A.shape[1]
-    keep_arr = jnp.ones((b, l), _F32) if keep is None else keep
+    D_, z_, bias_, keep_ = _kernel_args(u, D, z, delta_bias, keep)
     out_types = (
         jax.ShapeDtypeStruct((b, l, d), _F32),
         jax.ShapeDtypeStruct((b, d, n), _F32),
         jax.ShapeDtypeStruct((b, -(-l // chunk), d, n), _F32),
     )
     call = jax.ffi.ffi_call("mamba_selective_scan_fwd", out_types, vmap_method="sequential")
-    y, hT, starts = call(_cpu_only_p.bind(u), dt, A, B, C, h0, keep_arr, chunk=np.int64(chunk))
-    return (y, hT), (u, dt, A, B, C, keep_arr, starts, keep)
+    y, hT, starts = call(_cpu_only_p.bind(u), delta, bias_, A, B, C, D_, z_, h0, keep_,
+                         chunk=np.int64(chunk), softplus=np.int64(softplus))
+    return (y, hT), (u, delta, A, B, C, D, z, delta_bias, keep, starts)
 
 
-def _bwd(chunk, res, cotangents):
-    u, dt, A, B, C, keep_arr, starts, keep = res
+def _bwd(softplus, chunk, res, cotangents):
+    u, delta, A, B, C, D, z, delta_bias, keep, starts = res
     dy, dhT = cotangents
     b, l, d = u.shape
     g, n = B.shape[2], B.shape[3]
-    blocks = -(-(d // g) // BLOCK_CHANNELS)
+    D_, z_, bias_, keep_ = _kernel_args(u, D, z, delta_bias, keep)
     out_types = (
         jax.ShapeDtypeStruct((b, l, d), _F32),  # du
-        jax.ShapeDtypeStruct((b, l, d), _F32),  # ddt
+        jax.ShapeDtypeStruct((b, l, d), _F32),  # ddelta
+        jax.ShapeDtypeStruct(z_.shape, _F32),  # dz
         jax.ShapeDtypeStruct((b, d, n), _F32),  # dA per batch row
-        jax.ShapeDtypeStruct((blocks, b, l, g, n), _F32),  # dB per channel block
-        jax.ShapeDtypeStruct((blocks, b, l, g, n), _F32),  # dC per channel block
+        jax.ShapeDtypeStruct((b, l, g, n), _F32),  # dB
+        jax.ShapeDtypeStruct((b, l, g, n), _F32),  # dC
         jax.ShapeDtypeStruct((b, d, n), _F32),  # dh0
+        jax.ShapeDtypeStruct((b, d), _F32),  # dD per batch row
+        jax.ShapeDtypeStruct((b, d), _F32),  # dbias per batch row
     )
     call = jax.ffi.ffi_call("mamba_selective_scan_bwd", out_types, vmap_method="sequential")
-    du, ddt, dA, dB, dC, dh0 = call(
-        u, dt, A, B, C, keep_arr, starts, dy.astype(_F32), dhT.astype(_F32), chunk=np.int64(chunk)
+    du, ddelta, dz, dA, dB, dC, dh0, dD, dbias = call(
+        u, delta, bias_, A, B, C, D_, z_, keep_, starts, dy.astype(_F32), dhT.astype(_F32),
+        chunk=np.int64(chunk), softplus=np.int64(softplus),
     )
-    # Partial sums added in a fixed order, whatever the number of threads.
-    dA, dB, dC = jnp.sum(dA, axis=0), jnp.sum(dB, axis=0), jnp.sum(dC, axis=0)
-    dkeep = None if keep is None else jnp.zeros_like(keep)  # a mask of document ids: no gradient
-    return du, ddt, dA, dB, dC, dh0, dkeep
+    # Sums over batch rows in a fixed order, whatever the number of threads.
+    dA, dD, dbias = jnp.sum(dA, axis=0), jnp.sum(dD, axis=0), jnp.sum(dbias, axis=0)
+    return (du, ddelta, dA, dB, dC,
+            None if D is None else dD,
+            None if z is None else dz,
+            None if delta_bias is None else dbias,
+            dh0,
+            None if keep is None else jnp.zeros_like(keep))  # a mask of document ids: no gradient
 
 
-_core.defvjp(_fwd, _bwd)
+_scan.defvjp(_fwd, _bwd)
