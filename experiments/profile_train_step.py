@@ -119,7 +119,12 @@ def worker(model_name, quick):
             kind = "elementwise / copy / other"
         return kind, shape, op.group(1) if op else ""
 
-    by_kind, ops, unmatched = collections.Counter(), [], 0.0
+    def phase(op_name):
+        """Which part of the step an instruction belongs to, from its op_name: the
+        forward pass (under jvp), its transpose (the backward), or the rest (AdamW)."""
+        return "backward" if "transpose(jvp" in op_name else "forward" if "jvp(" in op_name else "optimizer / other"
+
+    by_kind, by_phase, ops, unmatched = collections.Counter(), collections.Counter(), [], 0.0
     for name, us in thunk_us.items():
         ms = us / traced / 1e3
         info = describe(name)
@@ -127,6 +132,7 @@ def worker(model_name, quick):
             unmatched += ms
             continue
         by_kind[info[0]] += ms
+        by_phase[f"{phase(info[2])}: {info[0]}"] += ms
         ops.append({"thunk": name, "ms_per_step": ms, "kind": info[0], "shape": info[1], "op_name": info[2][-120:]})
     ops.sort(key=lambda o: -o["ms_per_step"])
     print(json.dumps({
@@ -134,8 +140,10 @@ def worker(model_name, quick):
         "step_s_median": statistics.median(step_s), "forward_s_median": statistics.median(fwd_s),
         "step_over_forward": statistics.median(step_s) / statistics.median(fwd_s),
         "thunk_ms_per_step": sum(by_kind.values()), "unmatched_thunk_ms_per_step": unmatched,
-        "ms_per_step_by_kind": dict(by_kind.most_common()), "top_ops": ops[:TOP],
+        "ms_per_step_by_kind": dict(by_kind.most_common()), "ms_per_step_by_phase_and_kind": dict(sorted(by_phase.items())),
+        "top_ops": ops[:TOP],
         "matrix_product_ops": [o for o in ops if o["kind"] == "matrix product"][:TOP],
+        "elementwise_ops": [o for o in ops if o["kind"] == "elementwise / copy / other"][:TOP],
     }))
 
 
@@ -158,6 +166,7 @@ for label, flags in FLAG_SETS.items():
         kinds = ", ".join(f"{k} {v:.0f}" for k, v in r["ms_per_step_by_kind"].items())
         print(f"[{label}] {model_name}: step {r['step_s_median'] * 1e3:.0f} ms, forward {r['forward_s_median'] * 1e3:.0f} ms "
               f"(step/fwd {r['step_over_forward']:.2f}); thunks per step: {kinds} ms", flush=True)
+        print("    by phase: " + ", ".join(f"{k} {v:.0f}" for k, v in r["ms_per_step_by_phase_and_kind"].items()), flush=True)
 
 default, off = results["xla defaults"], results["ynnpack fusions off"]
 ratios = {
