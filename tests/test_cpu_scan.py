@@ -234,9 +234,10 @@ _THREADS_SCRIPT = textwrap.dedent(
                     reason="needs taskset and at least two CPUs")
 def test_results_do_not_depend_on_the_thread_count(tmp_path):
     """The same bits on one CPU (XLA's thread pool sized to the affinity mask) and
-    on all, for everything the kernel computes. The delta_bias gradient is XLA's
-    own sum of ddt over (b, l), whose bits change with the thread count on the
-    "sequential" path too (seen here): it is only compared to float32 rounding."""
+    on all, for everything the kernel computes. The delta_bias gradient is only
+    compared to float32 rounding: it used to be XLA's own sum of ddt over (b, l),
+    whose bits changed with the thread count (on the "sequential" path too); the
+    kernel now sums over time itself and XLA only over the batch rows."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     outs = []
