@@ -247,7 +247,8 @@ def summary(runs: dict) -> dict:
     return out
 
 
-def report(runs: dict) -> None:
+def report(runs: dict) -> dict:
+    """Prints the table, writes the JSON and returns the summary."""
     everything = [f"{z}/{m}/seed{s}" for z in SIZES for m in MODELS for s in SEEDS]
     table = summary(runs)
     print(f"\n{'size/model':<22}{'params':>10}{'seeds':>8}{'val bpb (mean ± sd)':>22}{'tokens/s':>10}")
@@ -273,6 +274,7 @@ def report(runs: dict) -> None:
         "summary": table,
         "runs": [runs[k] for k in everything if k in runs],
     })
+    return table
 
 
 LN2 = math.log(2.0)
@@ -287,7 +289,7 @@ for size in TRAIN_SIZES:
                 continue
             runs[key] = train_one(size, model_name, seed)
             report(runs)  # after every run: a stopped invocation loses nothing that finished
-report(runs)
+table = report(runs)
 
 # %% Plot: validation bits per byte against training bytes (train loss faint)
 import matplotlib
@@ -298,7 +300,6 @@ import matplotlib.pyplot as plt
 colors = {"mamba": "C0", "transformer_pp": "C3", "hybrid": "C2"}
 labels = {"mamba": "Mamba", "transformer_pp": "Transformer++", "hybrid": "Hybrid (Mamba + 2 attn)"}
 fig, axes = plt.subplots(1, len(SIZES), figsize=(6.5 * len(SIZES), 4.5), squeeze=False)
-table = summary(runs)
 for ax, size in zip(axes[0], SIZES):
     for name in MODELS:
         seeds = sorted((r for r in runs.values() if r["size"] == size and r["model"] == name), key=lambda r: r["seed"])

@@ -303,7 +303,7 @@ void backward_item(const Dims& s, const Inputs& in, int64_t item, const float* s
   float* __restrict hs = hs_v.data();    // hs[i]: the state before step t0 + i of the chunk
   float* __restrict as = as_v.data();    // as[i]: the decay (times the mask) of step t0 + i
   float* __restrict dts = dts_v.data();  // dts[i]: dt of step t0 + i
-  alignas(64) float uv[K] = {}, dtu[K] = {}, dyv[K] = {}, GB[K], GhaA[K], yc[K], dDacc[K] = {}, dbacc[K] = {};
+  alignas(64) float uv[K] = {}, dtu[K] = {}, dyv[K] = {}, sg[K], GB[K], GhaA[K], yc[K], dDacc[K] = {}, dbacc[K] = {};
   for (int64_t k = 0; k < n; ++k)
     for (int64_t c = 0; c < P; ++c) {
       At[k * K + c] = in.A[(c0 + c) * n + k];
@@ -357,7 +357,10 @@ void backward_item(const Dims& s, const Inputs& in, int64_t item, const float* s
       const float* z = in.gate ? in.z + row : nullptr;
       if (in.gate) {
 #pragma omp simd
-        for (int64_t c = 0; c < P; ++c) dyv[c] = dyo[c] * z[c] * sigmoid(z[c]);  // d/d(y before the gate)
+        for (int64_t c = 0; c < P; ++c) {
+          sg[c] = sigmoid(z[c]);
+          dyv[c] = dyo[c] * z[c] * sg[c];  // d/d(y before the gate)
+        }
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < P; ++c) dyv[c] = dyo[c];
@@ -425,8 +428,7 @@ void backward_item(const Dims& s, const Inputs& in, int64_t item, const float* s
         float* dz = out.dz + row;
 #pragma omp simd
         for (int64_t c = 0; c < P; ++c) {
-          float sg = sigmoid(z[c]);
-          dz[c] = dyo[c] * (yc[c] + D[c] * uv[c]) * sg * (1.0f + z[c] * (1.0f - sg));
+          dz[c] = dyo[c] * (yc[c] + D[c] * uv[c]) * sg[c] * (1.0f + z[c] * (1.0f - sg[c]));
         }
       }
     }
